@@ -1,0 +1,227 @@
+"""Image-classification data: decoded once into uint8 tensors, augmented per sample from memory.
+
+Splits: `train` (what the optimiser sees), `calibration` (held out from the training images,
+seeded; the pruning criteria and Lightning's validation use it) and `test` (reporting only, never
+a decision). JPEGs are decoded once at set-up and cached as a tensor file, so an epoch never
+decodes an image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_image, read_file
+
+from hbgs.errors import HbgsError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+OFFLINE_CIFAR10 = REPO_ROOT.parent / "shared" / "data" / "cifar10"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+# Per-channel mean and std of the training images.
+STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+class DataError(HbgsError):
+    """Data missing or malformed; the message says where we looked and how to fix it."""
+
+
+@dataclass
+class ImageSplit:
+    images: torch.Tensor  # uint8 (N, 3, H, W)
+    labels: torch.Tensor  # int64 (N,)
+
+    def subset(self, index: torch.Tensor) -> "ImageSplit":
+        return ImageSplit(self.images[index], self.labels[index])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class AugmentedImages(Dataset):
+    """uint8 images → normalised float tensors; with `augment`, a 4-pixel padded random crop and a
+    horizontal flip."""
+
+    def __init__(self, split: ImageSplit, mean, std, augment: bool, image_size: int | None = None, pad: int = 4):
+        self.split, self.augment, self.image_size, self.pad = split, augment, image_size, pad
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        image = self.split.images[i].float().div_(255)
+        if self.image_size is not None and image.shape[-1] != self.image_size:
+            image = F.interpolate(image[None], size=self.image_size, mode="bilinear", antialias=True)[0]
+        if self.augment:
+            size = image.shape[-1]
+            padded = F.pad(image, (self.pad,) * 4)
+            top, left = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
+            image = padded[:, top : top + size, left : left + size]
+            if torch.rand(()) < 0.5:
+                image = image.flip(-1)
+        return (image - self.mean) / self.std, self.split.labels[i]
+
+
+def find_cifar10_root() -> str | None:
+    """The offline ImageFolder copy beside the repository, when this machine has it."""
+    return str(OFFLINE_CIFAR10) if (OFFLINE_CIFAR10 / "train").is_dir() else None
+
+
+def is_image_folder(root: Path) -> bool:
+    return (root / "train").is_dir() and (root / "test").is_dir()
+
+
+def decode_image_folder(directory: Path) -> tuple[ImageSplit, list[str]]:
+    """Decode every image under `directory/<class>/` (sorted classes, sorted files) to uint8 RGB."""
+    classes = sorted(d.name for d in directory.iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"No class folders in {directory}: expected {directory}/<class>/<image files>.")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (directory / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        images += [decode_image(read_file(str(p)), mode=ImageReadMode.RGB) for p in files]
+        labels += [label] * len(files)
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) > 1:
+        raise DataError(f"Images in {directory} have different sizes {sorted(shapes)[:3]}...: resize them to one size first.")
+    return ImageSplit(torch.stack(images), torch.tensor(labels)), classes
+
+
+def load_image_folder(root: Path, split: str, cache_dir: str | None) -> tuple[ImageSplit, list[str]]:
+    """Decode `root/split` once, then reuse a tensor cache keyed by the folder's path and file count."""
+    directory = root / split
+    if cache_dir is None:
+        return decode_image_folder(directory)
+    n_files = sum(len(files) for _, _, files in os.walk(directory))
+    key = hashlib.sha1(f"{directory.resolve()}|{n_files}".encode()).hexdigest()[:12]
+    cache = Path(cache_dir).expanduser() / f"{root.name}-{split}-{key}.pt"
+    if cache.exists():
+        saved = torch.load(cache)
+        return ImageSplit(saved["images"], saved["labels"]), saved["classes"]
+    data, classes = decode_image_folder(directory)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_suffix(".tmp")
+    torch.save({"images": data.images, "labels": data.labels, "classes": classes}, partial)
+    os.replace(partial, cache)  # never leave a half-written cache behind
+    return data, classes
+
+
+def load_torchvision_cifar(name: str, root: Path, split: str, download: bool) -> tuple[ImageSplit, list[str]]:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = {"cifar10": CIFAR10, "cifar100": CIFAR100}[name]
+    try:
+        ds = cls(str(root), train=split == "train", download=download)
+    except RuntimeError as e:
+        raise DataError(
+            f"{name} not found under {root} (looked for torchvision's binary release and for an ImageFolder "
+            f"copy with train/ and test/). Fix: pass dataset.download=true on a machine with internet, or point "
+            f"dataset.root at a folder that has it (e.g. dataset.root=/path/to/cifar10)."
+        ) from e
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    return ImageSplit(images, torch.tensor(ds.targets)), list(ds.classes)
+
+
+class ImageDataModule(L.LightningDataModule):
+    """CIFAR-10/100 (torchvision binary or ImageFolder copy) or any ImageFolder with train/ and test/."""
+
+    def __init__(self, name: str = "cifar10", root: str | None = None, num_classes: int = 10, download: bool = False,
+                 batch_size: int = 128, eval_batch_size: int = 512, num_workers: int = 0, calib_size: int = 1000,
+                 seed: int = 0, limit_train: int | None = None, limit_test: int | None = None,
+                 mean=None, std=None, image_size: int | None = None, cache_dir: str | None = "~/.cache/hbgs"):
+        super().__init__()
+        if name not in ("cifar10", "cifar100", "imagefolder"):
+            raise DataError(f"Unknown dataset name {name!r}: use cifar10, cifar100 or imagefolder.")
+        if root is None:
+            root = find_cifar10_root() if name == "cifar10" else None
+        if root is None:
+            raise DataError(f"dataset.root is not set for {name}: pass dataset.root=/path/to/data.")
+        self.name, self.root, self.num_classes, self.download = name, Path(root).expanduser(), num_classes, download
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.calib_size, self.seed, self.limit_train, self.limit_test = calib_size, seed, limit_train, limit_test
+        self.mean, self.std, self.image_size, self.cache_dir = mean, std, image_size, cache_dir
+        self.splits: dict[str, ImageSplit] = {}
+
+    def prepare_data(self) -> None:
+        if self.download and not is_image_folder(self.root):
+            load_torchvision_cifar(self.name, self.root, "train", download=True)
+            load_torchvision_cifar(self.name, self.root, "test", download=True)
+
+    def _load(self, split: str) -> ImageSplit:
+        if is_image_folder(self.root):
+            data, classes = load_image_folder(self.root, split, self.cache_dir)
+        elif self.name == "imagefolder":
+            raise DataError(f"{self.root} is not an ImageFolder root: it needs train/<class>/ and test/<class>/ folders.")
+        else:
+            data, classes = load_torchvision_cifar(self.name, self.root, split, self.download)
+        if len(classes) != self.num_classes:
+            raise DataError(f"{self.root / split} has {len(classes)} classes but dataset.num_classes={self.num_classes}: "
+                            f"set dataset.num_classes={len(classes)}.")
+        return data
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        train_all, test = self._load("train"), self._load("test")
+        if self.calib_size >= len(train_all):
+            raise DataError(f"dataset.calib_size={self.calib_size} leaves no training images (only {len(train_all)}).")
+        order = torch.randperm(len(train_all), generator=torch.Generator().manual_seed(self.seed))
+        calib_index, train_index = order[: self.calib_size], order[self.calib_size :]
+        if self.limit_train is not None:
+            train_index = train_index[: self.limit_train]
+        if self.limit_test is not None:
+            test = test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(self.seed))[: self.limit_test])
+        self.splits = {"train": train_all.subset(train_index), "calibration": train_all.subset(calib_index), "test": test}
+        self.train_index, self.calib_index = train_index, calib_index  # indices into the full training folder
+        if self.mean is None or self.std is None:
+            self.mean, self.std = STATS.get(self.name) or channel_stats(self.splits["train"].images)
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """(channels, height, width) of what the model sees."""
+        self.setup()
+        _, h, w = self.splits["test"].images.shape[1:]
+        return (3, self.image_size, self.image_size) if self.image_size else (3, h, w)
+
+    def dataset(self, split: str, augment: bool | None = None) -> AugmentedImages:
+        self.setup()
+        augment = split == "train" if augment is None else augment
+        return AugmentedImages(self.splits[split], self.mean, self.std, augment, self.image_size)
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        return DataLoader(self.dataset(split), batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          drop_last=False, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("calibration", False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False, self.eval_batch_size)
+
+    def calibration_batch(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `n` calibration images (all when None), normalised, not augmented: the data the
+        pruning criteria score on."""
+        ds = self.dataset("calibration", augment=False)
+        n = len(ds) if n is None else min(n, len(ds))
+        xs, ys = zip(*(ds[i] for i in range(n)))
+        return torch.stack(xs), torch.stack(ys)
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x = images.float().div(255).transpose(0, 1).flatten(1)
+    return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())

@@ -1,0 +1,42 @@
+"""The Hydra entry point: `python -m hbgs.run [group=option ...]`. See `--help`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from hbgs.errors import HbgsError
+
+log = logging.getLogger("hbgs")
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> dict | None:
+    from hbgs.loggers import finish_wandb
+    from hbgs.stages import STAGES, write_json
+
+    if cfg.stage not in STAGES:
+        log.error("Unknown stage=%s: use one of %s.", cfg.stage, ", ".join(STAGES))
+        sys.exit(2)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    try:
+        summary = STAGES[cfg.stage](cfg, run_dir)
+    except HbgsError as e:
+        log.error("%s", e)
+        sys.exit(2)
+    finally:
+        finish_wandb()
+    summary["run_dir"] = str(run_dir)
+    write_json(run_dir / "summary.json", summary)
+    log.info("summary: %s", run_dir / "summary.json")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

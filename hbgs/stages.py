@@ -1,0 +1,112 @@
+"""What each `stage=` does. Every stage writes into the Hydra run directory and finishes by
+writing summary.json, so a directory without one is a run that did not complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from hbgs.accounting import count_macs, count_params, measure_latency
+from hbgs.checkpoint import load_meta, load_model, save_model
+from hbgs.errors import HbgsError
+from hbgs.loggers import build_logger
+from hbgs.module import Classifier
+
+
+def write_json(path: Path, data: dict) -> None:
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(partial, path)
+
+
+def model_config(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, run_name: str, callbacks=()) -> L.Trainer:
+    logger = build_logger(cfg.logger, run_dir, run_name, OmegaConf.to_container(cfg, resolve=True))
+    return instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=logger, callbacks=list(callbacks))
+
+
+def test_accuracy(trainer: L.Trainer, module: Classifier, datamodule) -> float:
+    return float(trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"])
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train a baseline from scratch (or resume one), test it, save model.pt."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.dataset)
+    model = instantiate(cfg.model)
+    module = Classifier(model, num_classes=cfg.dataset.num_classes, **OmegaConf.to_container(cfg.optim))
+    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0)
+    trainer = build_trainer(cfg, run_dir, f"train-{cfg.model._target_.rsplit('.', 1)[-1]}", [checkpoints])
+    if cfg.resume is not None and not Path(cfg.resume).is_file():
+        raise HbgsError(f"resume={cfg.resume} does not exist: give a Lightning checkpoint such as <run dir>/checkpoints/last.ckpt.")
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
+    train_seconds = time.perf_counter() - start
+    accuracy = test_accuracy(trainer, module, datamodule)
+    input_size = datamodule.input_size
+    summary = {
+        "stage": "train",
+        "model": model_config(cfg),
+        "dataset": cfg.dataset.name,
+        "test_acc": accuracy,
+        "test_images": len(datamodule.splits["test"]),
+        "params": count_params(model),
+        "macs": count_macs(model, input_size),
+        "input_size": list(input_size),
+        "epochs": trainer.current_epoch,
+        "optimizer_steps": trainer.global_step,
+        "train_seconds": train_seconds,
+        "seconds_per_step": train_seconds / max(1, trainer.global_step),
+        "batch_size": cfg.dataset.batch_size,
+        "seed": cfg.seed,
+    }
+    save_model(model, run_dir / "model.pt", model_cfg=model_config(cfg),
+               meta={k: summary[k] for k in ("dataset", "test_acc", "test_images", "input_size", "epochs", "seed")})
+    summary["checkpoint"] = str(run_dir / "model.pt")
+    return summary
+
+
+def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
+    """Accuracy on the test split, params, FLOPs (MACs) and CPU latency of a saved model."""
+    if cfg.ckpt is None:
+        raise HbgsError("stage=eval needs a model: pass ckpt=<path to model.pt> (stage=train writes one).")
+    model = load_model(cfg.ckpt)
+    meta = load_meta(cfg.ckpt) or {}
+    datamodule = instantiate(cfg.dataset)
+    module = Classifier(model, num_classes=cfg.dataset.num_classes)
+    trainer = build_trainer(cfg, run_dir, "eval")
+    accuracy = test_accuracy(trainer, module, datamodule)
+    input_size = datamodule.input_size
+    latency = [measure_latency(model, b, input_size, threads=cfg.latency.threads, repeats=cfg.latency.repeats)
+               for b in cfg.latency.batch_sizes]
+    return {
+        "stage": "eval",
+        "checkpoint": str(Path(cfg.ckpt).resolve()),
+        "checkpoint_meta": meta,
+        "dataset": cfg.dataset.name,
+        "test_acc": accuracy,
+        "test_images": len(datamodule.splits["test"]),
+        "params": count_params(model),
+        "macs": count_macs(model, input_size),
+        "input_size": list(input_size),
+        "latency": latency,
+        "torch": torch.__version__,
+    }
+
+
+def prune(cfg: DictConfig, run_dir: Path) -> dict:
+    raise HbgsError("stage=prune is not implemented yet; for now use stage=train and stage=eval.")
+
+
+STAGES = {"train": train, "eval": evaluate, "prune": prune}

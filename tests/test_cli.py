@@ -1,0 +1,100 @@
+"""The command line, run as a user runs it: python -m hbgs.run in a subprocess."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from hbgs.checkpoint import load_model
+
+QUICK = ["logger=csv", "trainer.enable_progress_bar=false", "dataset.calib_size=100", "dataset.limit_test=200"]
+
+
+def hbgs_run(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hbgs.run", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_groups_and_options():
+    out = hbgs_run("--help")
+    assert out.returncode == 0
+    for line in ("model: resnet110, resnet18, resnet20", "selector: backward, l1, l2, omp, random",
+                 "logger: csv, none, wandb", "trainer: cpu, ddp, gpu", "dataset: cifar10, cifar100, imagefolder"):
+        assert line in out.stdout
+
+
+def test_cfg_job_prints_the_composed_config():
+    out = hbgs_run("--cfg", "job", "model=vgg16")
+    assert out.returncode == 0
+    assert "_target_: hbgs.models.vgg16" in out.stdout and "stage: train" in out.stdout
+
+
+def test_unknown_option_lists_valid_choices_without_traceback():
+    out = hbgs_run("model=vgg99")
+    assert out.returncode != 0
+    assert "Could not find 'model/vgg99'" in out.stderr
+    assert "resnet56" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("train")
+    out = hbgs_run("stage=train", "model=resnet20", "dataset.limit_train=256", "trainer.max_epochs=1",
+                   f"hydra.run.dir={run_dir}", *QUICK)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run_dir
+
+
+def test_train_writes_config_summary_and_checkpoint(trained_run):
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert summary["stage"] == "train" and summary["optimizer_steps"] == 2  # 256 images, batches of 128
+    assert summary["params"] == 269_722 and summary["macs"] == 40_551_040
+    assert 0.0 <= summary["test_acc"] <= 1.0 and summary["test_images"] == 200
+    assert "limit_train: 256" in (trained_run / "config.yaml").read_text()
+    assert (trained_run / "checkpoints" / "last.ckpt").is_file()
+    model = load_model(trained_run / "model.pt")
+    assert sum(p.numel() for p in model.parameters()) == 269_722
+
+
+def test_eval_reports_accuracy_params_flops_latency(trained_run, tmp_path):
+    out = hbgs_run("stage=eval", f"ckpt={trained_run / 'model.pt'}", f"hydra.run.dir={tmp_path}",
+                   "latency.repeats=3", *QUICK)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    trained = json.loads((trained_run / "summary.json").read_text())
+    assert summary["test_acc"] == pytest.approx(trained["test_acc"], abs=1e-6)  # same weights, same test subset
+    assert summary["params"] == 269_722 and summary["macs"] == 40_551_040
+    assert [r["batch_size"] for r in summary["latency"]] == [1, 64]
+    assert all(r["latency_ms"] > 0 and r["threads"] == 1 for r in summary["latency"])
+
+
+def test_resume_continues_from_a_lightning_checkpoint(trained_run, tmp_path):
+    out = hbgs_run("stage=train", "model=resnet20", "dataset.limit_train=256", "trainer.max_epochs=2",
+                   f"resume={trained_run / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={tmp_path}", *QUICK)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["optimizer_steps"] == 4  # 2 from the first run, 2 more
+
+
+def test_multirun_gives_each_job_its_own_directory(trained_run, tmp_path):
+    out = hbgs_run("-m", "stage=eval", f"ckpt={trained_run / 'model.pt'}", "latency.batch_sizes=[1]",
+                   "latency.repeats=2", "dataset.limit_test=100,200", f"hydra.sweep.dir={tmp_path}", *QUICK[:3])
+    assert out.returncode == 0, out.stderr[-3000:]
+    summaries = sorted(tmp_path.glob("*/summary.json"))
+    assert len(summaries) == 2
+    assert sorted(json.loads(s.read_text())["test_images"] for s in summaries) == [100, 200]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["stage=eval"], "pass ckpt=<path to model.pt>"),
+    (["stage=eval", "ckpt=/no/such/model.pt"], "stage=train"),
+    (["stage=prune"], "not implemented yet"),
+    (["stage=fly"], "use one of train, eval, prune"),
+])
+def test_bad_input_gets_one_clear_message(args, message, tmp_path):
+    out = hbgs_run(*args, f"hydra.run.dir={tmp_path}", "logger=none")
+    assert out.returncode == 2
+    assert message in out.stderr + out.stdout and "Traceback" not in out.stderr
+    assert not (tmp_path / "summary.json").exists()
