@@ -89,3 +89,18 @@ class Classifier(L.LightningModule):
         else:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, loader, device: str | torch.device = "cpu") -> float:
+    """Top-1 accuracy of `model` (in eval mode) over `loader`; the model's mode is restored."""
+    was_training = model.training
+    model.eval().to(device)
+    correct = total = 0
+    try:
+        for x, y in loader:
+            correct += (model(x.to(device)).argmax(1) == y.to(device)).sum().item()
+            total += len(y)
+    finally:
+        model.train(was_training)
+    return correct / total

@@ -34,7 +34,10 @@ def main(cfg: DictConfig) -> dict | None:
         finish_wandb()
     summary["run_dir"] = str(run_dir)
     write_json(run_dir / "summary.json", summary)
-    log.info("summary: %s", run_dir / "summary.json")
+    for key, value in summary.items():
+        if isinstance(value, (int, float, str)):
+            log.info("%-22s %s", key, value)
+    log.info("summary written to %s", run_dir / "summary.json")
     return summary
 
 

@@ -18,7 +18,7 @@ from hbgs.accounting import count_macs, count_params, measure_latency
 from hbgs.checkpoint import load_meta, load_model, save_model
 from hbgs.errors import HbgsError
 from hbgs.loggers import build_logger
-from hbgs.module import Classifier
+from hbgs.module import Classifier, evaluate_accuracy
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -66,8 +66,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "input_size": list(input_size),
         "epochs": trainer.current_epoch,
         "optimizer_steps": trainer.global_step,
-        "train_seconds": train_seconds,
-        "seconds_per_step": train_seconds / max(1, trainer.global_step),
+        "fit_seconds": train_seconds,  # wall time of trainer.fit: training and validation
+        "fit_seconds_per_step": train_seconds / max(1, trainer.global_step),
         "batch_size": cfg.dataset.batch_size,
         "seed": cfg.seed,
     }
@@ -84,9 +84,10 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     model = load_model(cfg.ckpt)
     meta = load_meta(cfg.ckpt) or {}
     datamodule = instantiate(cfg.dataset)
-    module = Classifier(model, num_classes=cfg.dataset.num_classes)
-    trainer = build_trainer(cfg, run_dir, "eval")
-    accuracy = test_accuracy(trainer, module, datamodule)
+    accuracy = evaluate_accuracy(model, datamodule.test_dataloader())
+    logger = build_logger(cfg.logger, run_dir, "eval", OmegaConf.to_container(cfg, resolve=True))
+    if logger:
+        logger.log_metrics({"test/acc": accuracy})
     input_size = datamodule.input_size
     latency = [measure_latency(model, b, input_size, threads=cfg.latency.threads, repeats=cfg.latency.repeats)
                for b in cfg.latency.batch_sizes]
