@@ -96,6 +96,11 @@ def load_meta(path: str | os.PathLike) -> dict | None:
     return _read(path, "cpu")["meta"]
 
 
+def load_model_cfg(path: str | os.PathLike) -> dict | None:
+    """The Hydra config that builds the original (unpruned) architecture, or None for a pickled module."""
+    return _read(path, "cpu")["model_cfg"]
+
+
 def adapted_structure(model: nn.Module) -> dict[str, dict]:
     """``{qualified name: AdaptedConv.spec()}`` for every ``AdaptedConv`` in ``model``."""
     return {name: m.spec() for name, m in model.named_modules() if isinstance(m, AdaptedConv)}

@@ -75,8 +75,10 @@ class AugmentedImages(Dataset):
 
 
 def find_cifar10_root() -> str | None:
-    """The offline ImageFolder copy beside the repository, when this machine has it."""
-    return str(OFFLINE_CIFAR10) if (OFFLINE_CIFAR10 / "train").is_dir() else None
+    """The offline ImageFolder copy: $HBGS_CIFAR10_ROOT, else ../shared/data/cifar10 beside the
+    repository or the working directory, when this machine has one."""
+    candidates = [os.environ.get("HBGS_CIFAR10_ROOT"), OFFLINE_CIFAR10, Path.cwd().parent / "shared/data/cifar10"]
+    return next((str(c) for c in candidates if c and Path(c, "train").is_dir()), None)
 
 
 def is_image_folder(root: Path) -> bool:

@@ -15,6 +15,17 @@ from hbgs.errors import HbgsError
 log = logging.getLogger("hbgs")
 
 
+def flat_scalars(data: dict, prefix: str = "", skip=("widths", "sensitivity", "model")):
+    """(dotted key, value) for the numbers and strings of a nested summary, for the console."""
+    for key, value in data.items():
+        if key in skip:
+            continue
+        if isinstance(value, dict):
+            yield from flat_scalars(value, f"{prefix}{key}.", skip)
+        elif isinstance(value, (int, float, str)):
+            yield f"{prefix}{key}", value
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
     from hbgs.loggers import finish_wandb
@@ -34,9 +45,8 @@ def main(cfg: DictConfig) -> dict | None:
         finish_wandb()
     summary["run_dir"] = str(run_dir)
     write_json(run_dir / "summary.json", summary)
-    for key, value in summary.items():
-        if isinstance(value, (int, float, str)):
-            log.info("%-22s %s", key, value)
+    for key, value in flat_scalars(summary):
+        log.info("%-48s %s", key, f"{value:.4f}" if isinstance(value, float) else value)
     log.info("summary written to %s", run_dir / "summary.json")
     return summary
 

@@ -107,7 +107,9 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def prune(cfg: DictConfig, run_dir: Path) -> dict:
-    raise HbgsError("stage=prune is not implemented yet; for now use stage=train and stage=eval.")
+    from hbgs.prune_stage import prune as run_prune
+
+    return run_prune(cfg, run_dir)
 
 
 STAGES = {"train": train, "eval": evaluate, "prune": prune}

@@ -90,7 +90,7 @@ def test_multirun_gives_each_job_its_own_directory(trained_run, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["stage=eval"], "pass ckpt=<path to model.pt>"),
     (["stage=eval", "ckpt=/no/such/model.pt"], "stage=train"),
-    (["stage=prune"], "not implemented yet"),
+    (["stage=prune"], "stage=prune needs a trained model"),
     (["stage=fly"], "use one of train, eval, prune"),
 ])
 def test_bad_input_gets_one_clear_message(args, message, tmp_path):

@@ -1,0 +1,210 @@
+"""stage=prune: prune a trained model with the configured criterion and selector, fine-tune it,
+and leave history.csv, summary.json, model.pt and PNG plots in the run directory.
+
+Decisions use only the calibration split (held out from training); the test split is measured
+for the report, dense and pruned, before and after the final fine-tune.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from hbgs.accounting import measure_latency
+from hbgs.checkpoint import load_model, load_model_cfg, save_model
+from hbgs.errors import HbgsError
+from hbgs.finetune import finetune
+from hbgs.loggers import build_logger
+from hbgs.module import evaluate_accuracy
+from hbgs.pruning import channel_widths, fold_identity_adapters, wrap_model
+from hbgs.pruning.acra import prune_uniform_fraction, sensitivity_allocation, uniform_allocation
+from hbgs.pruning.costs import ReferenceCosts, saved_cost
+from hbgs.pruning.hierarchical import hierarchical_prune
+from hbgs.reporting import LoggerRoundCallback, plot_accuracy_vs_flops, plot_widths, write_csv
+
+CRITERIA = ("hbgs", "hbgts", "uniform", "sensitivity", "uniform_fraction")
+
+
+def load_trained(cfg: DictConfig) -> tuple[torch.nn.Module, dict]:
+    """The model to prune and the config that builds its original architecture."""
+    if cfg.ckpt is None:
+        raise HbgsError("stage=prune needs a trained model: pass ckpt=<path to model.pt> "
+                        "(train one with `python -m hbgs.run stage=train model=<name>`).")
+    model_cfg = load_model_cfg(cfg.ckpt)
+    if model_cfg is not None:
+        if model_cfg.get("_target_") != cfg.model.get("_target_"):
+            raise HbgsError(f"ckpt={cfg.ckpt} holds {model_cfg.get('_target_')} but the run's model is "
+                            f"{cfg.model.get('_target_')}: pass the matching model=... with this checkpoint.")
+        if model_cfg.get("num_classes", cfg.dataset.num_classes) != cfg.dataset.num_classes:
+            raise HbgsError(f"ckpt={cfg.ckpt} has {model_cfg['num_classes']} classes but dataset={cfg.dataset.name} "
+                            f"has {cfg.dataset.num_classes}: pass the dataset it was trained on.")
+    return load_model(cfg.ckpt), model_cfg
+
+
+class RoundReporter:
+    """Loop callback: calibration accuracy after each round (after its fine-tune), wall time,
+    a history row, the experiment loggers and the progress bar."""
+
+    def __init__(self, calib_loader, loggers, target: float, metric: str, history_path: Path):
+        self.calib_loader, self.metric, self.target, self.history_path = calib_loader, metric, target, history_path
+        self.history: list[dict] = []
+        self.log = LoggerRoundCallback(loggers)
+        self.start = time.perf_counter()
+        self.bar = None  # made at the first round: one-shot criteria have no rounds to show
+
+    def on_round_end(self, record, model) -> None:
+        row = {k: v for k, v in record.as_dict().items() if k != "scores"}
+        row["calib_acc"] = evaluate_accuracy(model, self.calib_loader)
+        row["wall_seconds"] = time.perf_counter() - self.start
+        self.history.append(row)
+        write_csv(self.history_path, self.history)  # rewritten every round: an interrupted run keeps its history
+        self.log.on_round_end(row)
+        if self.bar is None:
+            self.bar = tqdm(total=round(self.target, 2), unit="%", desc=f"pruning to -{self.target:g}% {self.metric}")
+        self.bar.update(round(min(row[f"{self.metric}_reduction"], self.bar.total) - self.bar.n, 2))
+        self.bar.set_postfix(layer=f"{row['layer']}:{row['side']}", calib_acc=f"{row['calib_acc']:.3f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class ShortFinetune:
+    """Loop callback: every `every` rounds, `steps` optimizer steps distilled from the original."""
+
+    def __init__(self, cfg: DictConfig, datamodule, teacher, trainer_cfg, run_dir: Path):
+        self.cfg, self.datamodule, self.teacher, self.trainer_cfg, self.run_dir = cfg, datamodule, teacher, trainer_cfg, run_dir
+        self.seconds = 0.0
+
+    def on_round_end(self, record, model) -> None:
+        if self.cfg.every > 0 and self.cfg.steps > 0 and record.round % self.cfg.every == 0:
+            start = time.perf_counter()
+            finetune(model, self.datamodule, self.teacher, self.cfg, steps=self.cfg.steps, lr=self.cfg.lr,
+                     trainer_cfg=self.trainer_cfg, default_root_dir=self.run_dir)
+            self.seconds += time.perf_counter() - start
+
+
+def target_of(criterion: DictConfig) -> tuple[float | None, float | None]:
+    target = criterion.get("target") or {}
+    return target.get("params"), target.get("flops")
+
+
+def prune(cfg: DictConfig, run_dir: Path) -> dict:
+    crit = cfg.criterion.name
+    if crit not in CRITERIA:
+        raise HbgsError(f"Unknown criterion {crit!r}: use criterion=one of {', '.join(CRITERIA)}.")
+    original, model_cfg = load_trained(cfg)
+    datamodule = instantiate(cfg.dataset)
+    datamodule.setup()
+    input_size = datamodule.input_size
+    test_loader, calib_loader = datamodule.test_dataloader(), datamodule.val_dataloader()
+    reference = ReferenceCosts.measure(original, input_size)
+    model = copy.deepcopy(original).requires_grad_(True)
+    original.eval().requires_grad_(False)  # the reference and teacher: never trained
+    wrap_model(model)
+    method, seed = cfg.selector.method, cfg.seed
+    target_params, target_flops = target_of(cfg.criterion)
+    metric = "params" if target_params is not None else "flops"
+    logger = build_logger(cfg.logger, run_dir, f"prune-{crit}-{method}", OmegaConf.to_container(cfg, resolve=True))
+    reporter = RoundReporter(calib_loader, [logger], target_params or target_flops or 0.0, metric,
+                             run_dir / "history.csv")
+    short_finetune = ShortFinetune(cfg.finetune, datamodule, original, cfg.trainer, run_dir)
+    details: dict = {}
+
+    dense_test = evaluate_accuracy(original, test_loader)
+    dense_calib = evaluate_accuracy(original, calib_loader)
+    start = time.perf_counter()
+    if crit in ("hbgs", "hbgts"):
+        calib_x, calib_y = datamodule.calibration_batch(cfg.criterion.calib_batch)
+        records = hierarchical_prune(
+            model, original, calib_x, calib_y, criterion=crit, signal=cfg.criterion.get("signal", "features"),
+            method=method, step=cfg.criterion.step, min_channels=cfg.criterion.min_channels,
+            target_params=target_params, target_flops=target_flops, input_size=input_size, seed=seed,
+            callbacks=[short_finetune, reporter])
+        details = {"rounds": len(records), "signal": cfg.criterion.get("signal") if crit == "hbgts" else None,
+                   "step": cfg.criterion.step, "calib_batch": len(calib_y),
+                   "propose_seconds": sum(r.propose_seconds for r in records),
+                   "score_seconds": sum(r.score_seconds for r in records)}
+    elif crit == "uniform_fraction":
+        prune_uniform_fraction(model, cfg.criterion.fraction, method, min_channels=cfg.criterion.get("min_channels", 1),
+                               seed=seed)
+        details = {"fraction": cfg.criterion.fraction}
+    else:
+        common = dict(target_params=target_params, target_flops=target_flops, method=method,
+                      tolerance=cfg.criterion.tolerance, min_channels=cfg.criterion.get("min_channels", 1),
+                      input_size=input_size, seed=seed)
+        if crit == "uniform":
+            allocation = uniform_allocation(model, original, **common)
+            details = {"ratio": allocation.ratio}
+        else:
+            calib_x, calib_y = datamodule.calibration_batch(cfg.criterion.calib_batch)
+            allocation = sensitivity_allocation(model, original, calib_x, calib_y, ratios=list(cfg.criterion.ratios),
+                                                **common)
+            details = {"threshold_points": allocation.threshold, "ratios": allocation.ratios,
+                       "sensitivity": {"measure": allocation.table.measure, "base": allocation.table.base,
+                                       "ratios": list(allocation.table.ratios), "drops": allocation.table.drops}}
+        model = allocation.model
+        details.update(target=allocation.target, tolerance_points=allocation.tolerance,
+                       within_tolerance=allocation.within_tolerance, evaluations=allocation.evaluations)
+    prune_seconds = time.perf_counter() - start
+    reporter.close()
+    widths = {name: vars(w) for name, w in channel_widths(model).items()}
+    fold_identity_adapters(model)
+    cost = saved_cost(model, reference)
+    if not reporter.history:  # one-shot criteria: a single row
+        reporter.history.append({"round": 1, "layer": "all", "side": "both", "params": cost.params, "flops": cost.flops,
+                                 "params_reduction": cost.params_reduction, "flops_reduction": cost.flops_reduction,
+                                 "calib_acc": evaluate_accuracy(model, calib_loader), "wall_seconds": prune_seconds})
+
+    pruned_test = evaluate_accuracy(model, test_loader)
+    start = time.perf_counter()
+    final_steps = finetune(model, datamodule, original, cfg.finetune, epochs=cfg.finetune.final_epochs,
+                           lr=cfg.finetune.final_lr, trainer_cfg=cfg.trainer, logger=logger, default_root_dir=run_dir)
+    final_seconds = time.perf_counter() - start
+    fold_identity_adapters(model)  # fine-tuning may have moved adapters that can be merged exactly
+    finetuned_test = evaluate_accuracy(model, test_loader) if final_steps else pruned_test
+    cost = saved_cost(model, reference)
+
+    latency = {name: measure_latency(net, 1, input_size, threads=cfg.latency.threads, repeats=cfg.latency.repeats)
+               for name, net in (("dense", original), ("pruned", model))}
+    summary = {
+        "stage": "prune",
+        "criterion": crit,
+        "selector": method,
+        "checkpoint": str(Path(cfg.ckpt).resolve()),
+        "dataset": cfg.dataset.name,
+        "test_images": len(datamodule.splits["test"]),
+        "target": {"params": target_params, "flops": target_flops},
+        "accuracy": {"dense_test": dense_test, "dense_calib": dense_calib, "pruned_test_before_finetune": pruned_test,
+                     "pruned_test_after_finetune": finetuned_test, "final_finetune_steps": final_steps},
+        "cost": {"convention": "params: all parameters; flops: MACs of conv+linear for one "
+                               f"{'x'.join(map(str, input_size))} image",
+                 "original": {"params": reference.params_original, "flops": reference.flops_original},
+                 "adapter_augmented": {"params": reference.params_augmented, "flops": reference.flops_augmented},
+                 "pruned": {"params": cost.params, "flops": cost.flops},
+                 "reduction_vs_original_pct": {"params": cost.params_reduction, "flops": cost.flops_reduction},
+                 "reduction_vs_adapter_augmented_pct": {"params": cost.params_reduction_vs_augmented,
+                                                        "flops": cost.flops_reduction_vs_augmented}},
+        "widths": widths,
+        "seconds": {"pruning": prune_seconds, "short_finetunes": short_finetune.seconds, "final_finetune": final_seconds},
+        "latency_cpu": latency,
+        "details": details,
+    }
+    save_model(model, run_dir / "model.pt", model_cfg=model_cfg,
+               meta={"pruned_from": summary["checkpoint"], "criterion": crit, "selector": method,
+                     "test_acc": finetuned_test, "dataset": cfg.dataset.name, "input_size": list(input_size)})
+    write_csv(run_dir / "history.csv", reporter.history)
+    title = f"{cfg.model._target_.rsplit('.', 1)[-1]}: {crit} + {method}"
+    plots = {"accuracy_vs_flops": run_dir / "accuracy_vs_flops.png", "widths": run_dir / "widths.png"}
+    plot_accuracy_vs_flops(plots["accuracy_vs_flops"], reporter.history, dense_calib, title)
+    plot_widths(plots["widths"], widths, title)
+    reporter.log.on_prune_end(reporter.history, plots)
+    summary["outputs"] = {k: str(v) for k, v in plots.items()} | {"model": str(run_dir / "model.pt"),
+                                                                   "history": str(run_dir / "history.csv")}
+    return summary

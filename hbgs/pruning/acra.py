@@ -1,0 +1,308 @@
+"""ACRA baselines: how much to prune each layer, found by binary search (ALGORITHMS.md §3).
+
+* ``uniform_allocation``: one ratio ``r`` for every wrapped layer, both sides.
+* ``sensitivity_allocation``: each layer's calibration-accuracy drop when only it is pruned at
+  ratios 0.1…0.9; a global knob ``t`` gives every layer the largest ratio up to which its drop
+  stays ≤ ``t`` (less sensitive layers lose more).
+
+Both search for the smallest knob whose network meets a params or FLOPs target (% reduction
+against the original network, measured on the actually pruned network as saved), and work with
+any lower-level selector. A ratio ``r`` removes ``round(r · width)`` channels from the output
+side, then from the input side, of a conv (compensated through its adapters), keeping at least
+``min_channels`` (rounded to whole groups for grouped convs).
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hbgs.errors import HbgsError
+from hbgs.pruning.adapters import AdaptedConv, LayerWidths, channel_widths, replace_module
+from hbgs.pruning.compensation import SIDES, propose, pruned
+from hbgs.pruning.costs import (NetworkCost, ReferenceCosts, check_not_met, parse_target,
+                                saved_cost)
+from hbgs.pruning.hierarchical import check_choice, drop_identity_adapters
+from hbgs.pruning.selectors import METHODS
+from hbgs.pruning.suffix import FullNetworkEvaluator, SuffixCache, WorkStats
+
+DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+MEASURES = ("accuracy", "loss")
+
+
+def fraction_count(width: int, fraction: float, groups: int = 1, min_channels: int = 1) -> int:
+    """Channels a ratio ``fraction`` removes from a side of ``width``: ``fraction`` of each
+    group's channels rounded half up, from every group alike, leaving at least
+    ``min_channels`` (and one channel per group)."""
+    if not 0 <= fraction <= 1:
+        raise HbgsError(f"a pruning ratio must lie in [0, 1], got {fraction!r}")
+    per_group = width // groups
+    count = int(fraction * per_group + 0.5)
+    most = per_group - max(1, -(-min_channels // groups))
+    return groups * max(0, min(count, most))
+
+
+def fraction_pruned(layer: AdaptedConv, fraction: float, method: str, *, min_channels: int = 1,
+                    seed: int = 0) -> AdaptedConv:
+    """``layer`` with the ratio ``fraction`` of its channels removed on the output side, then on
+    the input side, compensated; a new module (``layer`` itself when nothing is removed)."""
+    for side in SIDES:
+        width = layer.conv.out_channels if side == "out" else layer.conv.in_channels
+        count = fraction_count(width, fraction, layer.conv.groups, min_channels)
+        if count:
+            layer = pruned(layer, side, propose(layer, side, count, method, seed=seed))
+    return layer
+
+
+def prune_layers(model: nn.Module, ratios: Mapping[str, float], method: str, *,
+                 min_channels: int = 1, seed: int = 0) -> dict[str, LayerWidths]:
+    """Prune each wrapped layer named in ``ratios`` by its ratio (``fraction_pruned``), in place,
+    dropping the identity adapters of its unpruned sides; return the widths of all wrapped
+    layers."""
+    for name, fraction in ratios.items():
+        layer = model.get_submodule(name)
+        if not isinstance(layer, AdaptedConv):
+            raise HbgsError(f"layer {name!r} is not a wrapped conv; call wrap_model(model) first")
+        layer = fraction_pruned(layer, fraction, method, min_channels=min_channels, seed=seed)
+        drop_identity_adapters(layer)  # nothing for later fine-tuning to move on unpruned sides
+        replace_module(model, name, layer)
+    return channel_widths(model)
+
+
+def prune_uniform_fraction(model: nn.Module, fraction: float, method: str, *,
+                           min_channels: int = 1, seed: int = 0) -> dict[str, LayerWidths]:
+    """The lower level alone: remove the same ``fraction`` of channels from every wrapped conv
+    of ``model`` (output side, then input side), in place; return the widths."""
+    return prune_layers(model, dict.fromkeys(wrapped_layers(model), fraction), method,
+                        min_channels=min_channels, seed=seed)
+
+
+def wrapped_layers(model: nn.Module) -> list[str]:
+    """Names of the wrapped convs of ``model``; HbgsError when there are none."""
+    names = [name for name, m in model.named_modules() if isinstance(m, AdaptedConv) and name]
+    if not names:
+        raise HbgsError(f"{type(model).__name__} has no wrapped layers: call "
+                        "hbgs.pruning.wrap_model(model) first")
+    return names
+
+
+# -- results ----------------------------------------------------------------------------------
+
+@dataclass
+class Allocation:
+    """A pruned copy of the model meeting (or nearest above) the target.
+
+    ``reduction`` is the achieved % reduction of ``metric`` against the original network;
+    ``within_tolerance`` says whether it lies in ``[target, target + tolerance]`` (% points).
+    Reductions move in steps (whole channels), so when no knob value lands inside, the
+    smallest knob meeting the target is returned and ``below``, the nearest reduction found
+    under the target, shows the gap no knob value fills.
+    """
+
+    model: nn.Module
+    ratios: dict[str, float]
+    cost: NetworkCost
+    metric: str
+    target: float
+    tolerance: float
+    reduction: float
+    within_tolerance: bool
+    below: float  # the largest reduction under the target among the knobs tried
+    evaluations: int
+
+
+@dataclass
+class UniformAllocation(Allocation):
+    ratio: float = 0.0
+
+
+@dataclass
+class SensitivityTable:
+    """``drops[layer][i]``: how much ``measure`` worsens (accuracy: % points lost; loss: CE
+    gained) on the calibration batch when only ``layer`` is pruned at ``ratios[i]``."""
+
+    measure: str
+    base: float  # the measure of the unpruned network
+    ratios: tuple[float, ...]
+    drops: dict[str, list[float]]
+
+    def allocation(self, threshold: float) -> dict[str, float]:
+        """Each layer's largest ratio up to which every drop is ≤ ``threshold`` (0 when the
+        smallest ratio already drops more). Measured drops are noisy and need not grow with
+        the ratio; a large ratio that happens to look harmless after a smaller one did not is
+        not trusted."""
+        allocation = {}
+        for layer, drops in self.drops.items():
+            allocation[layer] = 0.0
+            for ratio, drop in zip(self.ratios, drops):
+                if drop > threshold:
+                    break
+                allocation[layer] = ratio
+        return allocation
+
+
+@dataclass
+class SensitivityAllocation(Allocation):
+    threshold: float = 0.0
+    table: SensitivityTable | None = None
+
+
+# -- uniform ----------------------------------------------------------------------------------
+
+def uniform_allocation(model: nn.Module, original: nn.Module, *, target_params: float | None = None,
+                       target_flops: float | None = None, method: str = "backward",
+                       tolerance: float = 0.5, min_channels: int = 1,
+                       input_size: Sequence[int] = (3, 32, 32), seed: int = 0,
+                       resolution: float = 1e-4) -> UniformAllocation:
+    """ACRA uniform: the smallest ratio ``r`` (to ``resolution``) whose pruned network meets the
+    target, by bisection on ``r ∈ [0, 1]``; stops early once the reduction lies within
+    ``tolerance`` % points above the target. ``model`` (wrapped) is not changed: the result
+    holds a pruned copy."""
+    search = _Search(model, original, method, min_channels, seed, input_size, target_params,
+                     target_flops, tolerance)
+    layers = wrapped_layers(model)
+    # r = 0 (no pruning) falls short: _Search checked that the model does not meet the target.
+    ratio = search.bisect(lambda r: dict.fromkeys(layers, r), 0.0, 1.0, resolution)
+    return UniformAllocation(**search.result(), ratio=ratio)
+
+
+# -- sensitivity ------------------------------------------------------------------------------
+
+def layer_sensitivity(model: nn.Module, calib_x: torch.Tensor, calib_y: torch.Tensor, *,
+                      method: str = "backward", ratios: Sequence[float] = DEFAULT_RATIOS,
+                      measure: str = "accuracy", min_channels: int = 1, seed: int = 0,
+                      use_cache: bool = True, chunk_size: int | None = None,
+                      stats: WorkStats | None = None) -> SensitivityTable:
+    """Each wrapped layer's drop in calibration ``measure`` when only it is pruned (both sides)
+    at each of ``ratios``; with ``use_cache`` only the part of the network after the layer
+    runs for each (layer, ratio). ``model`` is not changed."""
+    check_choice("measure", measure, MEASURES)
+    check_choice("method", method, METHODS)
+    _check_ratios(ratios)
+    layers = wrapped_layers(model)
+    kind = SuffixCache if use_cache else FullNetworkEvaluator
+    evaluator = kind(model, calib_x, layers, chunk_size=chunk_size, stats=stats)
+    evaluator.refresh()
+    score = _accuracy if measure == "accuracy" else _loss
+    base = score(evaluator.end_values(), calib_y)
+    sign = 1.0 if measure == "accuracy" else -1.0  # a drop is lost accuracy or gained loss
+    drops = {}
+    with torch.no_grad():
+        for name in layers:
+            layer = model.get_submodule(name)
+            drops[name] = [
+                sign * (base - score(evaluator.end_values(name, fraction_pruned(
+                    layer, r, method, min_channels=min_channels, seed=seed)), calib_y))
+                for r in ratios]
+    return SensitivityTable(measure, base, tuple(ratios), drops)
+
+
+def sensitivity_allocation(model: nn.Module, original: nn.Module, calib_x: torch.Tensor,
+                           calib_y: torch.Tensor, *, target_params: float | None = None,
+                           target_flops: float | None = None, method: str = "backward",
+                           ratios: Sequence[float] = DEFAULT_RATIOS, measure: str = "accuracy",
+                           tolerance: float = 0.5, min_channels: int = 1,
+                           input_size: Sequence[int] = (3, 32, 32), seed: int = 0,
+                           use_cache: bool = True, chunk_size: int | None = None
+                           ) -> SensitivityAllocation:
+    """ACRA sensitivity: measure ``layer_sensitivity`` (on the calibration batch, never the
+    test split), then the smallest threshold ``t`` (among the measured drops, by bisection)
+    whose allocation ``table.allocation(t)`` meets the target. ``model`` (wrapped) is not
+    changed: the result holds a pruned copy, the ratios and the table."""
+    _check_ratios(ratios)
+    check_choice("measure", measure, MEASURES)
+    search = _Search(model, original, method, min_channels, seed, input_size, target_params,
+                     target_flops, tolerance)
+    search.require(dict.fromkeys(wrapped_layers(model), max(ratios)))  # before measuring
+    table = layer_sensitivity(model, calib_x, calib_y, method=method, ratios=ratios,
+                              measure=measure, min_channels=min_channels, seed=seed,
+                              use_cache=use_cache, chunk_size=chunk_size)
+    thresholds = sorted({d for drops in table.drops.values() for d in drops})
+    # Index −1 stands for "prune nothing", which falls short (checked by _Search).
+    index = search.bisect(lambda i: table.allocation(thresholds[i]), -1, len(thresholds) - 1)
+    return SensitivityAllocation(**search.result(), threshold=thresholds[index], table=table)
+
+
+class _Search:
+    """Bisection on a knob whose allocation's reduction grows with it; remembers the best
+    network meeting the target and the nearest reduction below it."""
+
+    def __init__(self, model, original, method, min_channels, seed, input_size, target_params,
+                 target_flops, tolerance):
+        check_choice("method", method, METHODS)
+        if not tolerance >= 0:
+            raise HbgsError(f"tolerance must be ≥ 0 % points, got {tolerance!r}")
+        self.model, self.method, self.min_channels, self.seed = model, method, min_channels, seed
+        self.metric, self.target = parse_target(target_params, target_flops)
+        self.tolerance = tolerance
+        wrapped_layers(model)
+        self.reference = ReferenceCosts.measure(original, input_size)
+        current = saved_cost(model, self.reference)
+        check_not_met(current, self.metric, self.target)
+        self.best = None  # (model, ratios, cost) of the smallest knob meeting the target so far
+        self.below = current.reduction(self.metric)  # where the knob's low end (no pruning) is
+        self.evaluations = 0
+
+    def bisect(self, allocation: Callable, low, high, resolution: float | None = None):
+        """The smallest knob in ``(low, high]`` meeting the target (HbgsError if ``high`` does
+        not); ``low`` must be known to fall short. ``resolution`` None: integer knobs."""
+        self.require(allocation(high))
+        while high - low > (resolution or 1) and not self._within_tolerance():
+            middle = (low + high) / 2 if resolution else (low + high) // 2
+            if self._meets(allocation(middle)):
+                high = middle
+            else:
+                low = middle
+        return high
+
+    def require(self, ratios: dict[str, float]) -> None:
+        """HbgsError unless the network pruned by ``ratios`` (the most this strategy prunes)
+        meets the target."""
+        if not self._meets(ratios):
+            raise HbgsError(f"target_{self.metric}={self.target:g}% is out of reach: the most "
+                            f"this strategy prunes (ratio {max(ratios.values()):g}, "
+                            f"min_channels={self.min_channels}) gives {self.below:.2f}%")
+
+    def result(self) -> dict:
+        model, ratios, cost = self.best
+        reduction = cost.reduction(self.metric)
+        return dict(model=model, ratios=ratios, cost=cost, metric=self.metric, target=self.target,
+                    tolerance=self.tolerance, reduction=reduction,
+                    within_tolerance=self._within_tolerance(), below=self.below,
+                    evaluations=self.evaluations)
+
+    def _meets(self, ratios: dict[str, float]) -> bool:
+        candidate = copy.deepcopy(self.model)
+        prune_layers(candidate, ratios, self.method, min_channels=self.min_channels,
+                     seed=self.seed)
+        cost = saved_cost(candidate, self.reference)
+        self.evaluations += 1
+        reduction = cost.reduction(self.metric)
+        if reduction < self.target:
+            self.below = max(self.below, reduction)
+            return False
+        self.best = (candidate, dict(ratios), cost)  # bisection only lowers a meeting knob
+        return True
+
+    def _within_tolerance(self) -> bool:
+        return self.best is not None and \
+            self.best[2].reduction(self.metric) - self.target <= self.tolerance
+
+
+def _check_ratios(ratios: Sequence[float]) -> None:
+    if not ratios or list(ratios) != sorted(set(ratios)) or not 0 < ratios[0] <= ratios[-1] <= 1:
+        raise HbgsError(f"ratios must be distinct, ascending and in (0, 1], got {list(ratios)}")
+
+
+def _accuracy(values, labels) -> float:
+    correct = sum((v.argmax(1) == labels[s]).sum().item() for s, v in values)
+    return 100.0 * correct / len(labels)
+
+
+def _loss(values, labels) -> float:
+    total = sum(F.cross_entropy(v.double(), labels[s], reduction="sum").item() for s, v in values)
+    return total / len(labels)

@@ -1,0 +1,469 @@
+"""Upper level: choose which layer to prune next, round after round (ALGORITHMS.md §2).
+
+Each round every (wrapped layer, side) is a candidate: the lower level proposes removing the
+next ``step`` channels of it, the candidate is scored as if it alone were pruned, and the best
+one is applied. Scores, on a calibration batch (never the test split):
+
+* ``hbgs``: ``||Y − Ŷ|| / ||Y||`` with ``Y`` the layer's output in the ORIGINAL network and ``Ŷ``
+  the pruned layer's output on its input in the CURRENT network;
+* ``hbgts``: the same relative error at the end of the network (``features``: the last
+  BatchNorm2d's output, the authors' choice; ``logits``), or the calibration cross-entropy
+  (``loss``), with only that candidate pruned.
+
+With ``use_cache`` a layer's proposals are kept until its conv weights change, calibration
+activations are refreshed only downstream of what changed, and HBGTS runs only the part of the
+network after the candidate's layer (``suffix.SuffixCache``). Without it everything is
+recomputed every round and HBGTS runs the whole network per candidate: the same choices, more
+work (``WorkStats`` counts it).
+
+Plain PyTorch: ``callbacks`` are where a caller fine-tunes between rounds.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hbgs.accounting import count_macs, count_params
+from hbgs.errors import HbgsError
+from hbgs.pruning.adapters import AdaptedConv, replace_module
+from hbgs.pruning.compensation import SIDES, apply, propose, pruned
+from hbgs.pruning.costs import (NetworkCost, ReferenceCosts, check_not_met, parse_target,
+                                saved_cost)
+from hbgs.pruning.selectors import METHODS, Selection
+from hbgs.pruning.suffix import (COMPUTE_OPS, FullNetworkEvaluator, ModuleSnapshot, SuffixCache,
+                                 WorkStats, capture, chunk_slices, end_signal, evaluating,
+                                 last_batchnorm, trace)
+
+CRITERIA = ("hbgs", "hbgts")
+SIGNALS = ("features", "logits", "loss")
+
+
+# -- how many channels a step removes --------------------------------------------------------
+
+def check_step(step) -> int | float:
+    """``step`` if it is a channel count ≥ 1 or a fraction in (0, 1), else an HbgsError."""
+    if isinstance(step, bool) or not isinstance(step, numbers.Real) or (
+            isinstance(step, numbers.Integral) and step < 1) or (
+            not isinstance(step, numbers.Integral) and not 0 < step < 1):
+        raise HbgsError(f"step must be a number of channels (an integer ≥ 1) or a fraction of the "
+                        f"current width in (0, 1), got {step!r}")
+    return int(step) if isinstance(step, numbers.Integral) else float(step)
+
+
+def channels_to_remove(width: int, step: int | float, groups: int = 1) -> int:
+    """Channels one step removes from a side of ``width`` channels: ``step`` itself, or the
+    fraction ``step`` of ``width`` rounded half up (at least 1); rounded up to a multiple of
+    ``groups`` so that every group loses the same number."""
+    count = step if isinstance(step, int) else max(1, int(step * width + 0.5))
+    return -(-count // groups) * groups
+
+
+def smallest_width(width: int, step: int | float, groups: int, min_channels: int) -> int:
+    """The width a side reaches when stepped down for as long as it stays ≥ ``min_channels``."""
+    while width - channels_to_remove(width, step, groups) >= min_channels:
+        width -= channels_to_remove(width, step, groups)
+    return width
+
+
+def smallest_reachable_cost(model: nn.Module, reference: ReferenceCosts, step: int | float,
+                            min_channels: int) -> NetworkCost:
+    """The cost of ``model`` with every wrapped layer stepped down to its smallest width on both
+    sides (pruned sides with their adapters; unchanged sides folded): the most a run can reach."""
+    skeleton = copy.deepcopy(model)
+    for name, layer in list(skeleton.named_modules()):
+        if not isinstance(layer, AdaptedConv) or not name:
+            continue
+        spec = layer.spec()
+        conv = spec["conv"]
+        conv["in_channels"] = smallest_width(conv["in_channels"], step, conv["groups"],
+                                             min_channels)
+        conv["out_channels"] = smallest_width(conv["out_channels"], step, conv["groups"],
+                                              min_channels)
+        spec["in_adapter"] = None if conv["in_channels"] == layer.in_channels else {
+            "in_channels": layer.in_channels, "out_channels": conv["in_channels"], "bias": False}
+        spec["out_adapter"] = None if conv["out_channels"] == layer.out_channels else {
+            "in_channels": conv["out_channels"], "out_channels": layer.out_channels, "bias": True}
+        replace_module(skeleton, name, AdaptedConv.from_spec(spec))
+    return NetworkCost.of(count_params(skeleton), count_macs(skeleton, reference.input_size),
+                          reference)
+
+
+def drop_identity_adapters(model: nn.Module) -> None:
+    """Remove the identity adapters (sides never pruned) of every wrapped layer, in place; the
+    layers stay wrapped and prunable (an absent adapter acts as the identity) and the network
+    computes the same function. Fine-tuning then has no identity adapter to move: a moved one
+    could not always be folded away (an out-adapter's bias on a bias-free conv), so the saved
+    network would carry adapters that no round counted."""
+    for layer in model.modules():
+        if isinstance(layer, AdaptedConv):
+            if _is_identity(layer.in_adapter):
+                layer.in_adapter = None
+            if _is_identity(layer.out_adapter):
+                layer.out_adapter = None
+
+
+def _is_identity(adapter: nn.Conv2d | None) -> bool:
+    if adapter is None or adapter.in_channels != adapter.out_channels:
+        return False
+    weight = adapter.weight.detach().flatten(1)
+    return torch.equal(weight, torch.eye(len(weight), dtype=weight.dtype, device=weight.device)) \
+        and (adapter.bias is None or not adapter.bias.any())
+
+
+# -- proposals --------------------------------------------------------------------------------
+
+class ProposalCache:
+    """Lower-level proposals per (layer, side). With ``enabled`` a proposal is kept until the
+    owner calls ``forget`` for its layer (``HierarchicalPruner`` does when the conv changed);
+    without, every ``get`` computes afresh."""
+
+    def __init__(self, method: str, seed: int, stats: WorkStats, enabled: bool = True):
+        self.method, self.seed, self.stats, self.enabled = method, seed, stats, enabled
+        self._entries: dict[tuple[str, str], tuple[int, Selection]] = {}
+
+    def get(self, name: str, layer: AdaptedConv, side: str, n_remove: int) -> Selection:
+        """The selection removing ``n_remove`` channels of ``layer`` on ``side``."""
+        entry = self._entries.get((name, side))
+        if entry is not None and entry[0] == n_remove:
+            self.stats.proposals_reused += 1
+            return entry[1]
+        selection = propose(layer, side, n_remove, self.method, seed=self.seed)
+        self.stats.proposals_computed += 1
+        if self.enabled:
+            self._entries[(name, side)] = (n_remove, selection)
+        return selection
+
+    def cached(self, name: str, side: str) -> Selection | None:
+        """The kept selection for (``name``, ``side``), if any."""
+        entry = self._entries.get((name, side))
+        return None if entry is None else entry[1]
+
+    def forget(self, names: Iterable[str]) -> None:
+        """Drop the proposals of the layers ``names``."""
+        for name in names:
+            for side in SIDES:
+                self._entries.pop((name, side), None)
+
+
+# -- records ----------------------------------------------------------------------------------
+
+@dataclass
+class Candidate:
+    """Removing ``n_remove`` of the ``width`` channels of ``layer`` on ``side``."""
+
+    layer: str
+    side: str
+    width: int
+    n_remove: int
+    selection: Selection
+
+
+@dataclass
+class RoundRecord:
+    """One round: the choice, its score, the network's cost after it, and the work it took.
+
+    ``flops`` are MACs of conv and linear layers for one image of the run's ``input_size``;
+    reductions are in % against the original network, ``*_vs_augmented`` against the
+    adapter-augmented one (the reference code's figure). Costs are of the network as saved
+    (identity adapters folded), measured right after the choice was applied (before callbacks).
+    """
+
+    round: int
+    layer: str
+    side: str
+    width_before: int
+    width_after: int
+    score: float
+    candidates: int
+    params: int
+    flops: int
+    params_reduction: float
+    flops_reduction: float
+    params_reduction_vs_augmented: float
+    flops_reduction_vs_augmented: float
+    target_met: bool
+    criterion: str
+    signal: str | None
+    propose_seconds: float
+    score_seconds: float
+    proposals_computed: int
+    proposals_reused: int
+    nodes_run: int
+    full_forwards: int
+    layer_forwards: int
+    scores: dict[str, float] = field(default_factory=dict)  # "layer:side" → score, this round
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+class HierarchicalPruner:
+    """The round-by-round loop of ``hierarchical_prune``, usable a round at a time.
+
+    ``model`` is wrapped (``wrap_model``) and pruned in place; ``original`` is the unpruned
+    network, never changed. Nothing runs on the networks until the first round, which starts by
+    dropping the identity adapters of unpruned sides (``drop_identity_adapters``): the model
+    then counts, and fine-tunes, exactly as it will be saved.
+    """
+
+    def __init__(self, model: nn.Module, original: nn.Module, calib_x: torch.Tensor,
+                 calib_y: torch.Tensor | None, *, criterion: str = "hbgts",
+                 signal: str = "features", method: str = "backward", step: int | float = 5,
+                 min_channels: int = 1, input_size: Sequence[int] = (3, 32, 32), seed: int = 0,
+                 use_cache: bool = True, chunk_size: int | None = None):
+        check_choice("criterion", criterion, CRITERIA)
+        check_choice("signal", signal, SIGNALS)
+        check_choice("method", method, METHODS)
+        self.step = check_step(step)
+        if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
+            raise HbgsError(f"min_channels must be an integer ≥ 1, got {min_channels!r}")
+        if not isinstance(calib_x, torch.Tensor) or calib_x.dim() < 2 or len(calib_x) == 0:
+            raise HbgsError("calib_x must be a non-empty batch of calibration inputs")
+        if criterion == "hbgts" and signal == "loss" and (
+                calib_y is None or len(calib_y) != len(calib_x)):
+            raise HbgsError("signal='loss' needs calib_y, one label per calibration input")
+        chunk_slices(len(calib_x), chunk_size)  # validates chunk_size
+        self.layers = [name for name, m in model.named_modules()
+                       if isinstance(m, AdaptedConv) and name]
+        if not self.layers:
+            raise HbgsError(f"{type(model).__name__} has no wrapped layers: call "
+                            "hbgs.pruning.wrap_model(model) before pruning")
+        self.model, self.original = model, original
+        self.calib_x, self.calib_y = calib_x, calib_y
+        self.criterion, self.method, self.min_channels = criterion, method, min_channels
+        self.signal = signal if criterion == "hbgts" else None
+        self.use_cache, self.chunk_size = use_cache, chunk_size
+        self.reference = ReferenceCosts.measure(original, input_size)
+        self.stats = WorkStats()
+        self.proposals = ProposalCache(method, seed, self.stats, enabled=use_cache)
+        self.rounds = 0
+        self._evaluator = None  # built by the first round
+        self._snapshot = None  # with use_cache: what the network looked like at the last round
+
+    # -- public -------------------------------------------------------------------------------
+
+    def run(self, *, target_params: float | None = None, target_flops: float | None = None,
+            callbacks: Iterable = (), max_rounds: int | None = None) -> list[RoundRecord]:
+        """Prune round after round until the network meets the target (% reduction of params or
+        FLOPs against the original network, exactly one), ``max_rounds`` rounds ran, or no
+        candidate is left. After each round every callback gets ``(record, model)``: an object's
+        ``on_round_end`` method, or the callable itself."""
+        metric, target = self.check_target(target_params, target_flops)
+        callbacks = list(callbacks)
+        records = []
+        while max_rounds is None or len(records) < max_rounds:
+            record = self.run_round(metric, target)
+            if record is None:
+                warnings.warn(f"no candidate left after {len(records)} rounds and the target "
+                              f"{metric} reduction {target:g}% is not met", stacklevel=2)
+                break
+            records.append(record)
+            for callback in callbacks:
+                getattr(callback, "on_round_end", callback)(record, self.model)
+            if record.target_met:
+                break
+        return records
+
+    def check_target(self, target_params, target_flops) -> tuple[str, float]:
+        """``(metric, target)`` after checking the target against the network; HbgsError if it
+        is missing, not positive, already met or out of reach. Changes nothing."""
+        metric, target = parse_target(target_params, target_flops)
+        self._check_candidates_exist()
+        check_not_met(saved_cost(self.model, self.reference), metric, target)
+        best = smallest_reachable_cost(self.model, self.reference, self.step, self.min_channels)
+        if best.reduction(metric) < target:
+            raise HbgsError(f"target_{metric}={target:g}% is out of reach: with every wrapped layer "
+                            f"at its smallest width on both sides (step={self.step}, "
+                            f"min_channels={self.min_channels}, adapters of pruned layers "
+                            f"counted) the network has {best.reduction(metric):.2f}% fewer "
+                            f"{metric} than the original; ask for at most that")
+        return metric, target
+
+    def scored_candidates(self) -> list[tuple[Candidate, float]]:
+        """Every candidate of the current round with its score (lower is better); does not
+        change what the network computes."""
+        self._bring_up_to_date()
+        return list(zip(*self._propose_and_score()[:2]))
+
+    def run_round(self, metric: str | None = None,
+                  target: float | None = None) -> RoundRecord | None:
+        """One round: score every candidate, apply the best, return its record (None when no
+        candidate is left). ``target_met`` compares against ``target`` when given."""
+        before = self.stats.copy()
+        start = time.perf_counter()
+        self._bring_up_to_date()
+        candidates, scores, propose_seconds = self._propose_and_score()
+        if not candidates:
+            return None
+        score_seconds = time.perf_counter() - start - propose_seconds  # refresh included
+        best = min(range(len(scores)), key=scores.__getitem__)
+        choice = candidates[best]
+        apply(self._layer(choice.layer), choice.side, choice.selection)
+        self.rounds += 1
+        cost = saved_cost(self.model, self.reference)
+        work = self.stats.since(before)
+        return RoundRecord(
+            round=self.rounds, layer=choice.layer, side=choice.side, width_before=choice.width,
+            width_after=choice.width - choice.n_remove, score=scores[best],
+            candidates=len(candidates), params=cost.params, flops=cost.flops,
+            params_reduction=cost.params_reduction, flops_reduction=cost.flops_reduction,
+            params_reduction_vs_augmented=cost.params_reduction_vs_augmented,
+            flops_reduction_vs_augmented=cost.flops_reduction_vs_augmented,
+            target_met=target is not None and cost.reduction(metric) >= target,
+            criterion=self.criterion, signal=self.signal, propose_seconds=propose_seconds,
+            score_seconds=score_seconds, proposals_computed=work.proposals_computed,
+            proposals_reused=work.proposals_reused, nodes_run=work.nodes_run,
+            full_forwards=work.full_forwards, layer_forwards=work.layer_forwards,
+            scores={f"{c.layer}:{c.side}": s for c, s in zip(candidates, scores)})
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _candidate_sides(self):
+        """(name, layer, side, width, n_remove) for every side that can lose one more step."""
+        for name in self.layers:
+            layer = self._layer(name)
+            for side in SIDES:
+                width = layer.conv.out_channels if side == "out" else layer.conv.in_channels
+                n_remove = channels_to_remove(width, self.step, layer.conv.groups)
+                if width - n_remove >= self.min_channels:
+                    yield name, layer, side, width, n_remove
+
+    def _check_candidates_exist(self) -> None:
+        if next(self._candidate_sides(), None) is None:
+            widest = max(max(m.conv.in_channels, m.conv.out_channels)
+                         for m in map(self._layer, self.layers))
+            raise HbgsError(f"step={self.step} leaves no candidate: removing it from any wrapped "
+                            f"layer would leave fewer than min_channels={self.min_channels} "
+                            f"channels (the widest layer has {widest}); use a smaller step, "
+                            "e.g. a count or a fraction such as 0.1")
+
+    def _propose_and_score(self) -> tuple[list[Candidate], list[float], float]:
+        start = time.perf_counter()
+        candidates = [Candidate(name, side, width, n, self.proposals.get(name, layer, side, n))
+                      for name, layer, side, width, n in self._candidate_sides()]
+        propose_seconds = time.perf_counter() - start
+        with torch.no_grad():
+            scores = [self._score(c.layer, pruned(self._layer(c.layer), c.side, c.selection))
+                      for c in candidates]
+        return candidates, scores, propose_seconds
+
+    def _score(self, name: str, module: AdaptedConv) -> float:
+        if self.criterion == "hbgs":
+            pairs = [(module(x), y) for (_, x), y in
+                     zip(self._evaluator.layer_inputs(name), self._original_outputs[name])]
+            self.stats.layer_forwards += 1
+            return _relative_error(pairs)
+        values = self._evaluator.end_values(name, module)
+        if self.signal == "loss":
+            total = sum(F.cross_entropy(v.double(), self.calib_y[s], reduction="sum").item()
+                        for s, v in values)
+            return total / len(self.calib_x)
+        return _relative_error([(v, ref) for (_, v), ref in zip(values, self._original_signal)])
+
+    def _bring_up_to_date(self) -> None:
+        """Build the evaluator on the first call; later, refresh what the network's changes
+        (the applied choice, callbacks) made stale."""
+        if self._evaluator is None:
+            self._prepare()
+            self._evaluator.refresh()
+            return
+        if not self.use_cache:
+            self._evaluator.refresh()
+            return
+        changed = self._snapshot.changed()
+        self.proposals.forget(n for n in self.layers if n in changed or f"{n}.conv" in changed)
+        self._evaluator.refresh(changed)
+
+    def _prepare(self) -> None:
+        x = self.calib_x
+        end = None
+        if self.signal == "features":
+            end = last_batchnorm(self.model, x[:1])
+        if self.use_cache:  # may refuse the model: before anything changes
+            self._evaluator = SuffixCache(self.model, x, self.layers, end=end,
+                                          chunk_size=self.chunk_size, stats=self.stats)
+        drop_identity_adapters(self.model)
+        if self.use_cache:
+            self._snapshot = ModuleSnapshot(self.model)
+        else:
+            self._evaluator = FullNetworkEvaluator(
+                self.model, x, self.layers, end=end, need_inputs=self.criterion == "hbgs",
+                chunk_size=self.chunk_size, stats=self.stats,
+                nodes_per_forward=_compute_nodes(self.model))
+        chunks = chunk_slices(len(x), self.chunk_size)
+        with evaluating(self.original):
+            if self.criterion == "hbgs":
+                outputs = [capture(self.original, x[s], outputs_of=self.layers)[2] for s in chunks]
+                self._original_outputs = {n: [o[n] for o in outputs] for n in self.layers}
+            elif self.signal != "loss":
+                self._original_signal = [end_signal(self.original, x[s], end) for s in chunks]
+
+    def _layer(self, name: str) -> AdaptedConv:
+        layer = self.model.get_submodule(name)
+        if not isinstance(layer, AdaptedConv):
+            raise HbgsError(f"layer {name!r} is no longer a wrapped conv (a callback folded or "
+                            "replaced it?); callbacks may change weights, not the architecture")
+        return layer
+
+
+def hierarchical_prune(model: nn.Module, original: nn.Module, calib_x: torch.Tensor,
+                       calib_y: torch.Tensor | None, *, criterion: str = "hbgts",
+                       signal: str = "features", method: str = "backward",
+                       step: int | float = 5, min_channels: int = 1,
+                       target_params: float | None = None, target_flops: float | None = None,
+                       input_size: Sequence[int] = (3, 32, 32), seed: int = 0,
+                       use_cache: bool = True, chunk_size: int | None = None,
+                       callbacks: Iterable = (), max_rounds: int | None = None
+                       ) -> list[RoundRecord]:
+    """Prune the wrapped ``model`` in place, one (layer, side) step per round, until it has
+    ``target_params`` or ``target_flops`` % fewer than ``original`` (exactly one target).
+
+    ``criterion``: ``hbgs`` (layer output error) or ``hbgts`` (end-of-network ``signal``:
+    ``features``, ``logits`` or ``loss``). ``method``: the lower-level selector. ``step``:
+    channels per round, a count or a fraction of the current width. ``calib_x``/``calib_y``: a
+    calibration batch held out from training (never the test split). ``callbacks`` get
+    ``(record, model)`` after every round (fine-tune there). Returns one record per round; the
+    last one meets the target unless ``max_rounds`` stopped the run first. Bad arguments raise
+    ``HbgsError`` before anything changes.
+    """
+    pruner = HierarchicalPruner(model, original, calib_x, calib_y, criterion=criterion,
+                                signal=signal, method=method, step=step,
+                                min_channels=min_channels, input_size=input_size, seed=seed,
+                                use_cache=use_cache, chunk_size=chunk_size)
+    return pruner.run(target_params=target_params, target_flops=target_flops,
+                      callbacks=callbacks, max_rounds=max_rounds)
+
+
+def _relative_error(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """``||A − B|| / ||B||`` over all pairs (chunks) together, accumulated in float64."""
+    error = norm = 0.0
+    for a, b in pairs:
+        b = b.double()
+        error += (a.double() - b).square().sum().item()
+        norm += b.square().sum().item()
+    return math.sqrt(error / norm) if norm > 0 else math.inf
+
+
+def _compute_nodes(model: nn.Module) -> int:
+    """Compute nodes of ``model``'s traced graph; 0 when it cannot be traced."""
+    try:
+        return sum(node.op in COMPUTE_OPS for node in trace(model).nodes)
+    except HbgsError:
+        return 0
+
+
+def check_choice(what: str, value, valid: Sequence[str]) -> None:
+    """HbgsError naming the valid options when ``value`` is not one of them."""
+    if value not in valid:
+        raise HbgsError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")

@@ -1,0 +1,376 @@
+"""Upper level: HBGS/HBGTS rounds, the suffix cache, proposal caching, accounting (ALGORITHMS.md
+§2, §5). Random weights and inputs; small models so the file runs in seconds on one core."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from hbgs.accounting import count_macs, count_params
+from hbgs.checkpoint import load_model, save_model
+from hbgs.errors import HbgsError
+from hbgs.models import resnet18, resnet20, resnet56, resnext29_2x32d, vgg16
+from hbgs.models.resnet_cifar import CifarResNet
+from hbgs.models.vgg import CifarVGG
+from hbgs.pruning import (apply, channel_widths, fold_identity_adapters, propose, pruned,
+                          with_identity_adapters, wrap_model)
+from hbgs.pruning.acra import prune_uniform_fraction
+from hbgs.pruning.costs import ReferenceCosts, saved_cost
+from hbgs.pruning.hierarchical import (HierarchicalPruner, channels_to_remove,
+                                       hierarchical_prune, smallest_reachable_cost,
+                                       smallest_width)
+from hbgs.pruning.suffix import FullNetworkEvaluator, SuffixCache, last_batchnorm, trace
+
+RESNET20 = {"_target_": "hbgs.models.resnet20", "num_classes": 10}
+
+
+class PlainNet(nn.Module):
+    """Stem, three 3×3 conv-BN-ReLU layers (``a`` 8→16, ``b`` and ``c`` 16→16), pool, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.a, self.b, self.c = (nn.Conv2d(i, 16, 3, padding=1, bias=False) for i in (8, 16, 16))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(w) for w in (8, 16, 16, 16))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        for conv, bn in zip((self.stem, self.a, self.b, self.c), self.bns):
+            x = torch.relu(bn(conv(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
+    """``model`` in eval mode with non-trivial BatchNorm statistics and affine parameters."""
+    generator = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            for tensor, low, high in ((m.weight, 0.5, 1.5), (m.bias, -0.2, 0.2),
+                                      (m.running_mean, -0.2, 0.2), (m.running_var, 0.5, 1.5)):
+                tensor.data.copy_(torch.empty(tensor.shape).uniform_(low, high,
+                                                                     generator=generator))
+    return model.eval()
+
+
+def planted_net() -> nn.Module:
+    """``PlainNet`` in float64 whose conv ``b`` has 5 filters that are exact linear combinations
+    of its other 11: removing them on the out side changes nothing."""
+    torch.manual_seed(1)
+    model = randomised(PlainNet()).double()
+    with torch.no_grad():
+        weight = model.b.weight
+        weight[11:] = torch.einsum("rk,kchw->rchw", torch.randn(5, 11, dtype=torch.float64),
+                                   weight[:11])
+    return model
+
+
+def wrapped(original: nn.Module) -> nn.Module:
+    model = copy.deepcopy(original)
+    wrap_model(model)
+    return model
+
+
+def same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# -- step sizes and reachability -----------------------------------------------------------
+
+def test_step_counts_and_smallest_widths():
+    assert channels_to_remove(64, 5) == 5
+    assert channels_to_remove(64, 0.1) == 6  # 6.4 rounds to 6
+    assert channels_to_remove(10, 0.25) == 3  # 2.5 rounds half up
+    assert channels_to_remove(3, 0.1) == 1  # at least one channel
+    assert channels_to_remove(64, 5, groups=4) == 8  # whole groups
+    assert smallest_width(16, 5, 1, 1) == 1  # 16 → 11 → 6 → 1
+    assert smallest_width(16, 5, 1, 2) == 6
+    assert smallest_width(32, 0.5, 1, 1) == 1  # 32 → 16 → 8 → 4 → 2 → 1
+
+
+def test_smallest_reachable_cost_equals_the_network_stepped_down():
+    original = randomised(PlainNet())
+    model = wrapped(original)
+    reference = ReferenceCosts.measure(original)
+    predicted = smallest_reachable_cost(model, reference, 5, 2)
+    for layer in (model.a, model.b, model.c):  # step every side down with the lower level
+        for side in ("out", "in"):
+            while getattr(layer.conv, f"{side}_channels") - 5 >= 2:
+                apply(layer, side, propose(layer, side, 5, "l2"))
+    actual = saved_cost(model, reference)
+    assert (predicted.params, predicted.flops) == (actual.params, actual.flops)
+    assert [w.out_current for w in channel_widths(model).values()] == [6, 6, 6]
+
+
+# -- choices ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("criterion,signal", [("hbgs", "features"), ("hbgts", "features"),
+                                              ("hbgts", "logits")])
+def test_planted_redundant_layer_is_chosen_first_with_zero_score(criterion, signal):
+    original = planted_net()
+    x = torch.randn(32, 3, 16, 16, dtype=torch.float64)
+    pruner = HierarchicalPruner(wrapped(original), original, x, None, criterion=criterion,
+                                signal=signal, step=5, input_size=(3, 16, 16))
+    scored = {(c.layer, c.side): s for c, s in pruner.scored_candidates()}
+    assert len(scored) == 6
+    planted = scored.pop(("b", "out"))
+    assert planted < 1e-6
+    assert min(scored.values()) > 1e-3 > planted
+    record = pruner.run_round()
+    assert (record.layer, record.side, record.width_before, record.width_after) == \
+        ("b", "out", 16, 11)
+    assert record.score == planted
+
+
+def test_stops_at_the_first_round_meeting_the_target_and_reports_the_saved_cost(tmp_path):
+    torch.manual_seed(0)
+    original = randomised(resnet20())
+    model = wrapped(original)
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+
+    def finetune(record, model):  # one SGD step on every parameter, adapters included
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        model.train()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        model.eval()
+
+    records = hierarchical_prune(model, original, x, None, criterion="hbgs", step=0.5,
+                                 target_params=4, callbacks=[finetune])
+    assert len(records) >= 3 and [r.round for r in records] == list(range(1, len(records) + 1))
+    assert records[-1].target_met and records[-1].params_reduction >= 4
+    assert not any(r.target_met for r in records[:-1]) and records[-2].params_reduction < 4
+
+    saved = copy.deepcopy(model)
+    fold_identity_adapters(saved)
+    params, macs = count_params(saved), count_macs(saved)
+    last = records[-1]  # counted before the last fine-tuning step, which moved no identity adapter
+    assert (last.params, last.flops) == (params, macs)
+    assert last.params_reduction == pytest.approx(100 * (1 - params / count_params(original)))
+    assert last.flops_reduction == pytest.approx(100 * (1 - macs / count_macs(original)))
+    augmented = with_identity_adapters(original)
+    assert last.params_reduction_vs_augmented == pytest.approx(
+        100 * (1 - params / count_params(augmented)))
+    assert last.flops_reduction_vs_augmented > last.flops_reduction  # the flattering figure
+
+    path = save_model(saved, tmp_path / "model.pt", model_cfg=RESNET20)
+    loaded = load_model(path)
+    assert (count_params(loaded), count_macs(loaded)) == (params, macs)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+# -- the suffix cache -------------------------------------------------------------------------
+
+def tiny_vgg() -> nn.Module:
+    torch.manual_seed(2)
+    layout = (16, "M", 24, 24, "M", 32, "M", 32, "M", 32, "M")
+    return randomised(CifarVGG(layout=layout, num_classes=10))
+
+
+@pytest.mark.parametrize("build,images", [(resnet20, 4), (tiny_vgg, 16)])
+def test_suffix_scores_equal_full_network_scores_for_every_signal(build, images):
+    torch.manual_seed(3)
+    original = randomised(build())
+    x, y = torch.randn(images, 3, 32, 32), torch.randint(0, 10, (images,))
+    for signal in ("features", "logits", "loss"):
+        scores = {}
+        for use_cache, chunk_size in ((True, 3), (False, None)):
+            pruner = HierarchicalPruner(wrapped(original), original, x, y, criterion="hbgts",
+                                        signal=signal, step=0.3, use_cache=use_cache,
+                                        chunk_size=chunk_size)
+            scores[use_cache] = {(c.layer, c.side): s for c, s in pruner.scored_candidates()}
+        assert scores[True].keys() == scores[False].keys() and len(scores[True]) >= 6
+        for key, score in scores[True].items():
+            assert score == pytest.approx(scores[False][key], rel=1e-5, abs=1e-7), (signal, key)
+
+
+def test_suffix_cache_stores_the_boundary_and_runs_only_the_suffix():
+    torch.manual_seed(4)
+    model = wrapped(randomised(resnet20()))
+    x = torch.randn(2, 3, 32, 32)
+    layers = list(channel_widths(model))
+    end = last_batchnorm(model, x)
+    assert end == "layer3.2.bn2"
+    cache = SuffixCache(model, x, layers, end=end)
+    full = FullNetworkEvaluator(model, x, layers, end=end)
+    cache.refresh()
+    torch.testing.assert_close(cache.end_values()[0][1], full.end_values()[0][1])
+    # The last layer runs only itself and the last BatchNorm; the first all 80 compute nodes but
+    # the stem (conv, bn, relu), layer1.0's shortcut and the 6 nodes after the last BatchNorm
+    # (the last shortcut, add, relu, pool, flatten, fc).
+    assert cache.compute_nodes == 80
+    for layer, nodes in (("layer3.2.conv2", 2), ("layer1.0.conv1", 80 - 3 - 1 - 6)):
+        before = cache.stats.nodes_run
+        cache.end_values(layer, model.get_submodule(layer))
+        assert cache.stats.nodes_run - before == nodes
+    # Stored per image, in floats: every block's input (3 + 1 at 16×32×32, 2 + 1 at 32×16×16,
+    # 2 at 64×8×8, counting the input of each stage's first block in the stage before), every
+    # conv2's input (3 per stage), the two zero-padded shortcuts and the end signal.
+    floats = 16 * 32 * 32 * (4 + 3) + 32 * 16 * 16 * (3 + 3 + 1) + 64 * 8 * 8 * (2 + 3 + 1 + 1)
+    assert cache.nbytes() == 2 * 4 * floats
+
+
+@pytest.mark.parametrize("build", [resnet20, resnet56, vgg16, resnext29_2x32d, resnet18])
+def test_zoo_models_trace_and_their_suffixes_match_the_full_network(build):
+    torch.manual_seed(7)
+    model = wrapped(randomised(build()))
+    called = [n.target for n in trace(model).nodes if n.op == "call_module"]
+    layers = list(channel_widths(model))
+    for name in layers:  # each wrapped layer is one node, never traced into
+        assert called.count(name) == 1
+        assert not any(target.startswith(name + ".") for target in called)
+    x = torch.randn(1, 3, 32, 32)
+    end = last_batchnorm(model, x)
+    cache = SuffixCache(model, x, layers, end=end)
+    cache.refresh()
+    full = FullNetworkEvaluator(model, x, layers, end=end)
+    for name in (layers[0], layers[len(layers) // 2], layers[-1]):
+        layer = model.get_submodule(name)
+        candidate = pruned(layer, "out", propose(layer, "out", layer.conv.groups * 2, "l2"))
+        torch.testing.assert_close(cache.end_values(name, candidate)[0][1],
+                                   full.end_values(name, candidate)[0][1])
+
+
+class ReadsAfterInPlace(nn.Module):
+    """Overwrites a tensor in place (``y.relu_()`` as a statement) and reads it afterwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.body = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.body(x)
+        y.relu_()
+        return self.fc((x + y).mean((2, 3)))
+
+
+def test_in_place_changes_read_afterwards_are_refused_by_the_cache_only():
+    original = ReadsAfterInPlace().eval()
+    x = torch.randn(4, 3, 8, 8)
+    model = wrapped(original)
+    before = copy.deepcopy(model)
+    with pytest.raises(HbgsError, match="changes body in place .* use_cache=False"):
+        hierarchical_prune(model, original, x, None, signal="logits", step=2, target_params=5,
+                           input_size=(3, 8, 8))
+    assert same_state(model, before)
+    records = hierarchical_prune(model, original, x, None, signal="logits", step=2,
+                                 target_params=5, input_size=(3, 8, 8), use_cache=False)
+    assert records[-1].target_met
+
+
+# -- caching across rounds ------------------------------------------------------------------
+
+class Perturb:
+    """A stand-in for fine-tuning: after each round change one conv's weights and one
+    BatchNorm's running statistics in place, as training does, and replace another BatchNorm."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def on_round_end(self, record, model):
+        with torch.no_grad():
+            model.layer2[1].conv1.conv.weight.mul_(1.05)
+            model.layer1[2].bn1.running_mean.add_(0.05 * torch.randn(8, generator=self.generator))
+            model.layer3[0].bn2 = copy.deepcopy(model.layer3[0].bn2)
+            model.layer3[0].bn2.bias.add_(0.01)
+
+
+def test_use_cache_makes_the_same_choices_with_less_work():
+    torch.manual_seed(5)
+    original = randomised(CifarResNet(20, widths=(8, 16, 32)))
+    x = torch.randn(8, 3, 32, 32)
+    runs = {}
+    for use_cache in (True, False):
+        model = wrapped(original)
+        runs[use_cache] = hierarchical_prune(
+            model, original, x, None, criterion="hbgts", signal="features", step=3,
+            target_params=90, max_rounds=4, use_cache=use_cache, callbacks=[Perturb(0)])
+    cached, uncached = runs[True], runs[False]
+    assert [(r.layer, r.side) for r in cached] == [(r.layer, r.side) for r in uncached]
+    for a, b in zip(cached, uncached):
+        assert a.scores.keys() == b.scores.keys()
+        for key in a.scores:
+            assert a.scores[key] == pytest.approx(b.scores[key], rel=1e-5, abs=1e-7)
+    work = {k: {f: sum(getattr(r, f) for r in rs) for f in
+                ("proposals_computed", "proposals_reused", "nodes_run", "full_forwards")}
+            for k, rs in runs.items()}
+    candidates = sum(r.candidates for r in cached)
+    assert work[False]["proposals_computed"] == candidates
+    assert work[False]["proposals_reused"] == 0
+    # Rounds 2-4 recompute only the chosen layer and the perturbed conv (two sides each).
+    assert cached[0].candidates + 3 * 2 <= work[True]["proposals_computed"] \
+        <= cached[0].candidates + 3 * 4
+    assert work[True]["full_forwards"] == 1
+    assert work[True]["nodes_run"] < 0.6 * work[False]["nodes_run"]
+
+
+def test_a_callback_changing_a_layer_invalidates_only_its_proposals():
+    original = randomised(PlainNet())
+    model = wrapped(original)
+    x = torch.randn(16, 3, 16, 16)
+    pruner = HierarchicalPruner(model, original, x, None, criterion="hbgs", step=2,
+                                input_size=(3, 16, 16))
+    seen = {}
+
+    def finetune_another_layer(record, model):  # an in-place update, as an optimizer makes
+        seen["touched"] = next(n for n in ("a", "b", "c") if n != record.layer)
+        seen["untouched"] = next(n for n in ("a", "b", "c")
+                                 if n not in (record.layer, seen["touched"]))
+        seen["kept"] = {side: pruner.proposals.cached(seen["untouched"], side)
+                        for side in ("out", "in")}
+        with torch.no_grad():
+            model.get_submodule(seen["touched"]).conv.weight.mul_(
+                torch.linspace(0.5, 2, 16).view(16, 1, 1, 1))
+
+    pruner.run(target_params=50, max_rounds=1, callbacks=[finetune_another_layer])
+    touched, untouched, kept = seen["touched"], seen["untouched"], seen["kept"]
+    before = pruner.stats.copy()
+    scored = pruner.scored_candidates()
+    work = pruner.stats.since(before)
+    assert work.proposals_computed == 4  # both sides of the pruned and of the touched layer
+    assert work.proposals_reused == len(scored) - 4 == 2
+    layer = model.get_submodule(touched)
+    for side in ("out", "in"):
+        assert pruner.proposals.cached(untouched, side) is kept[side]
+        cached, fresh = pruner.proposals.cached(touched, side), propose(layer, side, 2, "backward")
+        assert torch.equal(cached.keep, fresh.keep)
+        torch.testing.assert_close(cached.coef, fresh.coef)
+    # The cached activations were refreshed too: the same scores as computing everything anew.
+    anew = HierarchicalPruner(copy.deepcopy(model), original, x, None, criterion="hbgs", step=2,
+                              input_size=(3, 16, 16), use_cache=False).scored_candidates()
+    assert [(c.layer, c.side) for c, _ in scored] == [(c.layer, c.side) for c, _ in anew]
+    for (_, score), (_, expected) in zip(scored, anew):
+        assert score == pytest.approx(expected, rel=1e-6)
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(target_params=100), "out of reach"),
+    (dict(target_flops=99.9, step=16, min_channels=8), "out of reach"),
+    (dict(target_params=0), "greater than 0"),
+    (dict(target_flops=-5), "greater than 0"),
+    (dict(target_params=1), "already met"),
+    (dict(target_params=50, step=64), "leaves no candidate"),
+    (dict(target_params=50, target_flops=50), "exactly one target"),
+    (dict(), "exactly one target"),
+    (dict(target_params=50, criterion="hbgx"), "valid: hbgs, hbgts"),
+    (dict(target_params=50, signal="acc"), "valid: features, logits, loss"),
+    (dict(target_params=50, method="l3"), "valid: backward, omp, l1, l2, random"),
+    (dict(target_params=50, step=1.5), "fraction of the"),
+])
+def test_bad_input_raises_before_anything_changes(kwargs, message):
+    torch.manual_seed(6)
+    original = randomised(resnet20())
+    model = wrapped(original)
+    if kwargs.get("target_params") == 1:  # a network already 1 % smaller
+        prune_uniform_fraction(model, 0.5, "l2")
+    model.train()
+    before = copy.deepcopy(model)
+    with pytest.raises(HbgsError, match=message):
+        hierarchical_prune(model, original, torch.randn(4, 3, 32, 32), None, **kwargs)
+    assert same_state(model, before) and model.training
+    assert channel_widths(model) == channel_widths(before)
