@@ -22,7 +22,6 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from hbgs.errors import HbgsError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-OFFLINE_CIFAR10 = REPO_ROOT.parent / "shared" / "data" / "cifar10"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 # Per-channel mean and std of the training images.
@@ -75,10 +74,14 @@ class AugmentedImages(Dataset):
 
 
 def find_cifar10_root() -> str | None:
-    """The offline ImageFolder copy: $HBGS_CIFAR10_ROOT, else ../shared/data/cifar10 beside the
-    repository or the working directory, when this machine has one."""
-    candidates = [os.environ.get("HBGS_CIFAR10_ROOT"), OFFLINE_CIFAR10, Path.cwd().parent / "shared/data/cifar10"]
-    return next((str(c) for c in candidates if c and Path(c, "train").is_dir()), None)
+    """The offline ImageFolder copy of CIFAR-10: $HBGS_CIFAR10_ROOT, else `shared/data/cifar10`
+    beside the repository, the working directory or one of their parents (this workplace keeps it
+    at /work/shared, beside the checkout), when this machine has one."""
+    env = os.environ.get("HBGS_CIFAR10_ROOT")
+    bases = [REPO_ROOT, *REPO_ROOT.parents, Path.cwd(), *Path.cwd().parents, Path("/work")]
+    candidates = [Path(env)] if env else []
+    candidates += [base / "shared" / "data" / "cifar10" for base in bases]
+    return next((str(c) for c in candidates if (c / "train").is_dir()), None)
 
 
 def is_image_folder(root: Path) -> bool:
