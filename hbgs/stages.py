@@ -36,34 +36,31 @@ def build_trainer(cfg: DictConfig, run_dir: Path, run_name: str, callbacks=()) -
     return instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=logger, callbacks=list(callbacks))
 
 
-def test_accuracy(trainer: L.Trainer, module: Classifier, datamodule) -> float:
-    return float(trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"])
+def measurements(model, datamodule, test_acc: float) -> dict:
+    """The figures every stage reports of a model: test accuracy, params, MACs."""
+    input_size = datamodule.input_size
+    return {"dataset": datamodule.name, "test_acc": test_acc, "test_images": len(datamodule.splits["test"]),
+            "params": count_params(model), "macs": count_macs(model, input_size), "input_size": list(input_size)}
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Train a baseline from scratch (or resume one), test it, save model.pt."""
+    if cfg.resume is not None and not Path(cfg.resume).is_file():
+        raise HbgsError(f"resume={cfg.resume} does not exist: give a Lightning checkpoint such as <run dir>/checkpoints/last.ckpt.")
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.dataset)
     model = instantiate(cfg.model)
     module = Classifier(model, num_classes=cfg.dataset.num_classes, **OmegaConf.to_container(cfg.optim))
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0)
     trainer = build_trainer(cfg, run_dir, f"train-{cfg.model._target_.rsplit('.', 1)[-1]}", [checkpoints])
-    if cfg.resume is not None and not Path(cfg.resume).is_file():
-        raise HbgsError(f"resume={cfg.resume} does not exist: give a Lightning checkpoint such as <run dir>/checkpoints/last.ckpt.")
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
     train_seconds = time.perf_counter() - start
-    accuracy = test_accuracy(trainer, module, datamodule)
-    input_size = datamodule.input_size
+    accuracy = float(trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"])
     summary = {
         "stage": "train",
         "model": model_config(cfg),
-        "dataset": cfg.dataset.name,
-        "test_acc": accuracy,
-        "test_images": len(datamodule.splits["test"]),
-        "params": count_params(model),
-        "macs": count_macs(model, input_size),
-        "input_size": list(input_size),
+        **measurements(model, datamodule, accuracy),
         "epochs": trainer.current_epoch,
         "optimizer_steps": trainer.global_step,
         "fit_seconds": train_seconds,  # wall time of trainer.fit: training and validation
@@ -88,19 +85,13 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     logger = build_logger(cfg.logger, run_dir, "eval", OmegaConf.to_container(cfg, resolve=True))
     if logger:
         logger.log_metrics({"test/acc": accuracy})
-    input_size = datamodule.input_size
-    latency = [measure_latency(model, b, input_size, threads=cfg.latency.threads, repeats=cfg.latency.repeats)
+    latency = [measure_latency(model, b, datamodule.input_size, threads=cfg.latency.threads, repeats=cfg.latency.repeats)
                for b in cfg.latency.batch_sizes]
     return {
         "stage": "eval",
         "checkpoint": str(Path(cfg.ckpt).resolve()),
         "checkpoint_meta": meta,
-        "dataset": cfg.dataset.name,
-        "test_acc": accuracy,
-        "test_images": len(datamodule.splits["test"]),
-        "params": count_params(model),
-        "macs": count_macs(model, input_size),
-        "input_size": list(input_size),
+        **measurements(model, datamodule, accuracy),
         "latency": latency,
         "torch": torch.__version__,
     }
