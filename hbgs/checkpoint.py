@@ -66,6 +66,9 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, model_cfg: Mapping 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a model file is an ordinary file
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
