@@ -48,6 +48,11 @@ class Classifier(L.LightningModule):
             self.teacher.eval()  # the teacher's BatchNorm statistics must stay fixed
         return self
 
+    def on_train_epoch_start(self) -> None:
+        # Lightning keeps each submodule's mode as it found it, and a loaded or just-evaluated
+        # model is in eval mode: training it so (frozen BatchNorm statistics) diverges.
+        self.train()
+
     def _step(self, batch, stage: str) -> torch.Tensor:
         x, y = batch
         logits = self.model(x)

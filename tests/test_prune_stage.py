@@ -107,6 +107,8 @@ def test_finetune_trains_the_student_not_the_teacher(cifar10):
     student.load_state_dict(teacher.state_dict())
     wrap_model(student)
     before = [p.clone() for p in teacher.parameters()]
+    student.eval()  # as a loaded model is: the fine-tune must still train in train mode
+    running_mean, teacher_running_mean = student.bn1.running_mean.clone(), teacher.bn1.running_mean.clone()
 
     class Cfg:
         momentum, weight_decay, kd_temperature, kd_weight = 0.9, 1e-4, 2.0, 1.0
@@ -114,6 +116,8 @@ def test_finetune_trains_the_student_not_the_teacher(cifar10):
     steps = finetune(student, cifar10, teacher, Cfg, steps=2, lr=0.01)
     assert steps == 2
     assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
+    assert not torch.equal(running_mean, student.bn1.running_mean)  # BatchNorm ran in train mode
+    assert torch.equal(teacher.bn1.running_mean, teacher_running_mean)  # the teacher stayed in eval mode
     changed = [n for n, p in student.named_parameters() if not torch.equal(p, dict(teacher.named_parameters()).get(
         n.replace(".conv.", "."), p))]
     assert any(".conv." in n for n in changed)  # the wrapped convs were trained
