@@ -263,26 +263,17 @@ def test_wrap_model_picks_the_prunable_convs_and_is_idempotent():
     assert wrap_model(grouped) == ["grouped"]  # not the stem, the depthwise or the 1×1 conv
 
 
-def plant_out(conv, n_dependent, seed=0):
-    """Make ``n_dependent`` output filters of each group exact combinations of the others."""
+def plant(conv, side, n_dependent, seed=0):
+    """Make ``n_dependent`` channels on ``side`` of each group exact combinations of the others
+    (output filters ``W[o]``, or input-channel slices ``W[:, c]``)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for block in conv.weight.split(conv.out_channels // conv.groups):
-            order = torch.randperm(block.shape[0], generator=g)
+            rows = block if side == "out" else block.transpose(0, 1)  # a view: writes reach the weight
+            order = torch.randperm(rows.shape[0], generator=g)
             dependent, basis = order[:n_dependent], order[n_dependent:]
             mix = torch.randn(n_dependent, basis.numel(), generator=g) / basis.numel() ** 0.5
-            block[dependent] = torch.einsum("db,bihw->dihw", mix, block[basis])
-
-
-def plant_in(conv, n_dependent, seed=0):
-    """Make ``n_dependent`` input channels of each group exact combinations of the others."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for block in conv.weight.split(conv.out_channels // conv.groups):
-            order = torch.randperm(block.shape[1], generator=g)
-            dependent, basis = order[:n_dependent], order[n_dependent:]
-            mix = torch.randn(n_dependent, basis.numel(), generator=g) / basis.numel() ** 0.5
-            block[:, dependent] = torch.einsum("db,obhw->odhw", mix, block[:, basis])
+            rows[dependent] = torch.einsum("db,bihw->dihw", mix, rows[basis])
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -293,7 +284,7 @@ def test_removing_planted_dependent_channels_keeps_the_outputs(side, layer, bias
     conv = model.get_submodule(layer)
     if bias:
         nn.init.uniform_(conv.bias, -1, 1)
-    (plant_out if side == "out" else plant_in)(conv, 5)
+    plant(conv, side, 5)
     x = images()
     expected = model(x)
     wrap_model(model)
@@ -313,7 +304,7 @@ def test_removing_planted_dependent_channels_keeps_the_outputs(side, layer, bias
 def test_grouped_conv_prunes_within_groups_exactly(side):
     model = randomised(GroupedNet())
     nn.init.uniform_(model.grouped.bias, -1, 1)
-    (plant_out if side == "out" else plant_in)(model.grouped, 2)  # 2 per group, 4 groups
+    plant(model.grouped, side, 2)  # 2 per group, 4 groups
     x = images()
     expected = model(x)
     wrap_model(model)
