@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from hbgs.accounting import measure_latency
+from hbgs.bridgeout import regularizer_callbacks
 from hbgs.checkpoint import load_model, load_model_cfg, save_model
 from hbgs.errors import HbgsError
 from hbgs.finetune import finetune
@@ -78,15 +79,16 @@ class RoundReporter:
 class ShortFinetune:
     """Loop callback: every `every` rounds, `steps` optimizer steps distilled from the original."""
 
-    def __init__(self, cfg: DictConfig, datamodule, teacher, trainer_cfg, run_dir: Path):
+    def __init__(self, cfg: DictConfig, datamodule, teacher, trainer_cfg, run_dir: Path, callbacks=()):
         self.cfg, self.datamodule, self.teacher, self.trainer_cfg, self.run_dir = cfg, datamodule, teacher, trainer_cfg, run_dir
+        self.callbacks = list(callbacks)  # the training-time regulariser, if any
         self.seconds = 0.0
 
     def on_round_end(self, record, model) -> None:
         if self.cfg.every > 0 and self.cfg.steps > 0 and record.round % self.cfg.every == 0:
             start = time.perf_counter()
             finetune(model, self.datamodule, self.teacher, self.cfg, steps=self.cfg.steps, lr=self.cfg.lr,
-                     trainer_cfg=self.trainer_cfg, default_root_dir=self.run_dir)
+                     trainer_cfg=self.trainer_cfg, default_root_dir=self.run_dir, callbacks=self.callbacks)
             self.seconds += time.perf_counter() - start
 
 
@@ -114,7 +116,8 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
     logger = build_logger(cfg.logger, run_dir, f"prune-{crit}-{method}", OmegaConf.to_container(cfg, resolve=True))
     reporter = RoundReporter(calib_loader, [logger], target_params or target_flops or 0.0, metric,
                              run_dir / "history.csv")
-    short_finetune = ShortFinetune(cfg.finetune, datamodule, original, cfg.trainer, run_dir)
+    short_finetune = ShortFinetune(cfg.finetune, datamodule, original, cfg.trainer, run_dir,
+                                   regularizer_callbacks(cfg.regularizer))
     details: dict = {}
 
     dense_test = evaluate_accuracy(original, test_loader)
@@ -165,7 +168,8 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
     pruned_test = evaluate_accuracy(model, test_loader)
     start = time.perf_counter()
     final_steps = finetune(model, datamodule, original, cfg.finetune, epochs=cfg.finetune.final_epochs,
-                           lr=cfg.finetune.final_lr, trainer_cfg=cfg.trainer, logger=logger, default_root_dir=run_dir)
+                           lr=cfg.finetune.final_lr, trainer_cfg=cfg.trainer, logger=logger, default_root_dir=run_dir,
+                           callbacks=regularizer_callbacks(cfg.regularizer))
     final_seconds = time.perf_counter() - start
     fold_identity_adapters(model)  # fine-tuning may have moved adapters that can be merged exactly
     finetuned_test = evaluate_accuracy(model, test_loader) if final_steps else pruned_test
@@ -195,6 +199,7 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
         "seconds": {"pruning": prune_seconds, "short_finetunes": short_finetune.seconds, "final_finetune": final_seconds},
         "latency_cpu": latency,
         "details": details,
+        "regularizer": OmegaConf.to_container(cfg.regularizer, resolve=True),  # during fine-tuning
     }
     save_model(model, run_dir / "model.pt", model_cfg=model_cfg,
                meta={"pruned_from": summary["checkpoint"], "criterion": crit, "selector": method,

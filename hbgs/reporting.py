@@ -56,6 +56,28 @@ def plot_widths(path: Path, widths: dict[str, dict], title: str) -> None:
     _save(fig, path)
 
 
+def plot_robustness(path: Path, rows: list[dict], title: str) -> None:
+    """Accuracy against the fraction of filters removed: a colour per checkpoint, a line style
+    per method."""
+    checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    styles = ["-", "--", ":", "-."]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, checkpoint in enumerate(checkpoints):
+        for j, method in enumerate(methods):
+            points = sorted((100 * r["fraction"], 100 * r["test_acc"]) for r in rows
+                            if r["checkpoint"] == checkpoint and r["method"] == method)
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, color=f"C{i}", linestyle=styles[j % len(styles)], marker="o", markersize=3,
+                    label=f"{checkpoint}, {method}")
+    ax.set_xlabel("filters removed from every prunable conv, %")
+    ax.set_ylabel("test accuracy, %")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     partial = path.with_name(path.stem + ".tmp.png")

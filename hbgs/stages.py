@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from hbgs.accounting import count_macs, count_params, measure_latency
+from hbgs.bridgeout import regularizer_callbacks
 from hbgs.checkpoint import load_meta, load_model, save_model
 from hbgs.errors import HbgsError
 from hbgs.loggers import build_logger
@@ -52,7 +53,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     model = instantiate(cfg.model)
     module = Classifier(model, num_classes=cfg.dataset.num_classes, **OmegaConf.to_container(cfg.optim))
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0)
-    trainer = build_trainer(cfg, run_dir, f"train-{cfg.model._target_.rsplit('.', 1)[-1]}", [checkpoints])
+    callbacks = [checkpoints, *regularizer_callbacks(cfg.regularizer)]
+    trainer = build_trainer(cfg, run_dir, f"train-{cfg.model._target_.rsplit('.', 1)[-1]}", callbacks)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
     train_seconds = time.perf_counter() - start
@@ -67,9 +69,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "fit_seconds_per_step": train_seconds / max(1, trainer.global_step),
         "batch_size": cfg.dataset.batch_size,
         "seed": cfg.seed,
+        "regularizer": OmegaConf.to_container(cfg.regularizer, resolve=True),
     }
     save_model(model, run_dir / "model.pt", model_cfg=model_config(cfg),
-               meta={k: summary[k] for k in ("dataset", "test_acc", "test_images", "input_size", "epochs", "seed")})
+               meta={k: summary[k] for k in ("dataset", "test_acc", "test_images", "input_size", "epochs", "seed", "regularizer")})
     summary["checkpoint"] = str(run_dir / "model.pt")
     return summary
 
@@ -103,4 +106,10 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
     return run_prune(cfg, run_dir)
 
 
-STAGES = {"train": train, "eval": evaluate, "prune": prune}
+def robustness(cfg: DictConfig, run_dir: Path) -> dict:
+    from hbgs.robustness import run
+
+    return run(cfg, run_dir)
+
+
+STAGES = {"train": train, "eval": evaluate, "prune": prune, "robustness": robustness}

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,3 +30,21 @@ def cifar10(cifar10_root):
     dm = ImageDataModule(root=cifar10_root, calib_size=500, seed=0)
     dm.setup()
     return dm
+
+
+QUICK = ["logger=csv", "trainer.enable_progress_bar=false", "dataset.calib_size=100", "dataset.limit_test=200"]
+
+
+def hbgs_run(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
+    """The command line, run as a user runs it: python -m hbgs.run in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "hbgs.run", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A run directory of `stage=train` on 256 images for one epoch (model.pt, last.ckpt, summary)."""
+    run_dir = tmp_path_factory.mktemp("train")
+    out = hbgs_run("stage=train", "model=resnet20", "dataset.limit_train=256", "trainer.max_epochs=1",
+                   f"hydra.run.dir={run_dir}", *QUICK)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run_dir

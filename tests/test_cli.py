@@ -1,20 +1,13 @@
 """The command line, run as a user runs it: python -m hbgs.run in a subprocess."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO
 from hbgs.checkpoint import load_model
 
-QUICK = ["logger=csv", "trainer.enable_progress_bar=false", "dataset.calib_size=100", "dataset.limit_test=200"]
-
-
-def hbgs_run(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hbgs.run", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+from conftest import QUICK, hbgs_run
 
 
 def test_help_lists_groups_and_options():
@@ -36,15 +29,6 @@ def test_unknown_option_lists_valid_choices_without_traceback():
     assert out.returncode != 0
     assert "Could not find 'model/vgg99'" in out.stderr
     assert "resnet56" in out.stderr and "Traceback" not in out.stderr
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("train")
-    out = hbgs_run("stage=train", "model=resnet20", "dataset.limit_train=256", "trainer.max_epochs=1",
-                   f"hydra.run.dir={run_dir}", *QUICK)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return run_dir
 
 
 def test_train_writes_config_summary_and_checkpoint(trained_run):
@@ -87,11 +71,27 @@ def test_multirun_gives_each_job_its_own_directory(trained_run, tmp_path):
     assert sorted(json.loads(s.read_text())["test_images"] for s in summaries) == [100, 200]
 
 
+def test_train_with_bridgeout_saves_a_plain_model(tmp_path):
+    out = hbgs_run("stage=train", "model=resnet20", "dataset.limit_train=256", "trainer.max_epochs=1",
+                   "regularizer=bridgeout", "regularizer.p=0.2", f"hydra.run.dir={tmp_path}", *QUICK)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["regularizer"] == {"name": "bridgeout", "p": 0.2, "q": 1.5, "target_fraction": 0.75}
+    model = load_model(tmp_path / "model.pt")  # plain weights: no parametrization left behind
+    assert sum(p.numel() for p in model.parameters()) == 269_722
+    assert not any("parametrizations" in k for k in model.state_dict())
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert any("parametrizations.weight.original" in k for k in ckpt["state_dict"])  # resumable mid-fit state
+
+
 @pytest.mark.parametrize("args,message", [
     (["stage=eval"], "pass ckpt=<path to model.pt>"),
     (["stage=eval", "ckpt=/no/such/model.pt"], "stage=train"),
     (["stage=prune"], "stage=prune needs a trained model"),
-    (["stage=fly"], "use one of train, eval, prune"),
+    (["stage=fly"], "use one of train, eval, prune, robustness"),
+    (["stage=robustness"], "stage=robustness needs models"),
+    (["stage=robustness", "ckpt=zoo/resnet20-cifar10.pt", "robustness.methods=[l3]"], "unknown robustness method"),
+    (["stage=train", "regularizer=bridgeout", "regularizer.p=1.5"], "bridgeout p"),
 ])
 def test_bad_input_gets_one_clear_message(args, message, tmp_path):
     out = hbgs_run(*args, f"hydra.run.dir={tmp_path}", "logger=none")

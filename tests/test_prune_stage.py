@@ -12,7 +12,7 @@ from hbgs.checkpoint import load_model, save_model
 from hbgs.finetune import finetune
 from hbgs.models import resnet20
 from hbgs.pruning import wrap_model
-from test_cli import hbgs_run
+from conftest import hbgs_run
 
 TINY = ["logger=csv", "dataset.calib_size=100", "dataset.limit_train=128", "dataset.limit_test=100",
         "latency.repeats=2", "trainer.enable_progress_bar=false"]
@@ -55,7 +55,7 @@ def assert_costs_match_saved_model(run_dir, summary):
 def test_hbgts_run_writes_every_output_consistently(tmp_path, checkpoint):
     summary = prune_run(tmp_path, checkpoint, "criterion=hbgts", "criterion.target.params=null",
                         "criterion.target.flops=5", "criterion.step=0.5", "criterion.calib_batch=64",
-                        "finetune.steps=1", "finetune.final_epochs=1")
+                        "finetune.steps=1", "finetune.final_epochs=1", "regularizer=bridgeout")
     for name in ("history.csv", "summary.json", "model.pt", "accuracy_vs_flops.png", "widths.png", "config.yaml"):
         assert (tmp_path / name).is_file(), name
     assert_valid_png(tmp_path / "accuracy_vs_flops.png")
@@ -77,6 +77,7 @@ def test_hbgts_run_writes_every_output_consistently(tmp_path, checkpoint):
     assert accuracy["final_finetune_steps"] == 1  # 128 images, one epoch, batches of 128
     assert {"dense_test", "pruned_test_before_finetune", "pruned_test_after_finetune"} <= accuracy.keys()
     assert summary["details"]["signal"] == "features"
+    assert summary["regularizer"] == {"name": "bridgeout", "p": 0.3, "q": 1.5, "target_fraction": 0.75}
     assert (tmp_path / "metrics.csv").is_file()  # the CSV logger got the rounds
 
 

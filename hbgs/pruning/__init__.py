@@ -14,7 +14,7 @@ from hbgs.pruning.adapters import (AdaptedConv, LayerWidths, channel_widths,
                                    fold_identity_adapters, is_prunable, replace_module,
                                    with_identity_adapters, wrap_model)
 from hbgs.pruning.compensation import (SIDES, apply, filter_matrices, filter_matrix, propose,
-                                       prune_conv, pruned)
+                                       prune_conv, pruned, uncompensated)
 from hbgs.pruning.selectors import (METHODS, Selection, backward_naive, least_squares_selection,
                                     select_filters)
 from hbgs.pruning.costs import NetworkCost, ReferenceCosts, as_saved, saved_cost
@@ -33,7 +33,7 @@ __all__ = [
     "AdaptedConv", "LayerWidths", "METHODS", "SIDES", "Selection", "apply", "backward_naive",
     "channel_widths", "filter_matrices", "filter_matrix", "fold_identity_adapters", "is_prunable",
     "least_squares_selection", "propose", "prune_conv", "pruned", "replace_module",
-    "select_filters", "with_identity_adapters", "wrap_model",
+    "select_filters", "uncompensated", "with_identity_adapters", "wrap_model",
     # upper level: costs, the activation cache, HBGS/HBGTS, ACRA
     "Allocation", "CRITERIA", "Candidate", "FullNetworkEvaluator", "HierarchicalPruner",
     "ModuleSnapshot", "NetworkCost", "ProposalCache", "ReferenceCosts", "RoundRecord", "SIGNALS",

@@ -23,7 +23,7 @@ from torch import nn
 
 from hbgs.errors import HbgsError
 from hbgs.pruning.adapters import AdaptedConv, LayerWidths, channel_widths, replace_module
-from hbgs.pruning.compensation import SIDES, propose, pruned
+from hbgs.pruning.compensation import SIDES, propose, pruned, uncompensated
 from hbgs.pruning.costs import (NetworkCost, ReferenceCosts, check_not_met, parse_target,
                                 saved_cost)
 from hbgs.pruning.hierarchical import check_choice, drop_identity_adapters
@@ -47,19 +47,24 @@ def fraction_count(width: int, fraction: float, groups: int = 1, min_channels: i
 
 
 def fraction_pruned(layer: AdaptedConv, fraction: float, method: str, *, min_channels: int = 1,
-                    seed: int = 0) -> AdaptedConv:
-    """``layer`` with the ratio ``fraction`` of its channels removed on the output side, then on
-    the input side, compensated; a new module (``layer`` itself when nothing is removed)."""
-    for side in SIDES:
+                    seed: int = 0, sides: Sequence[str] = SIDES, compensate: bool = True) -> AdaptedConv:
+    """``layer`` with the ratio ``fraction`` of its channels removed on each of ``sides`` in turn
+    (output, then input), compensated unless ``compensate=False`` (plain removal); a new module
+    (``layer`` itself when nothing is removed)."""
+    for side in sides:
         width = layer.conv.out_channels if side == "out" else layer.conv.in_channels
         count = fraction_count(width, fraction, layer.conv.groups, min_channels)
         if count:
-            layer = pruned(layer, side, propose(layer, side, count, method, seed=seed))
+            selection = propose(layer, side, count, method, seed=seed)
+            if not compensate:
+                selection = uncompensated(layer, side, selection)
+            layer = pruned(layer, side, selection)
     return layer
 
 
 def prune_layers(model: nn.Module, ratios: Mapping[str, float], method: str, *,
-                 min_channels: int = 1, seed: int = 0) -> dict[str, LayerWidths]:
+                 min_channels: int = 1, seed: int = 0, sides: Sequence[str] = SIDES,
+                 compensate: bool = True) -> dict[str, LayerWidths]:
     """Prune each wrapped layer named in ``ratios`` by its ratio (``fraction_pruned``), in place,
     dropping the identity adapters of its unpruned sides; return the widths of all wrapped
     layers."""
@@ -67,7 +72,8 @@ def prune_layers(model: nn.Module, ratios: Mapping[str, float], method: str, *,
         layer = model.get_submodule(name)
         if not isinstance(layer, AdaptedConv):
             raise HbgsError(f"layer {name!r} is not a wrapped conv; call wrap_model(model) first")
-        layer = fraction_pruned(layer, fraction, method, min_channels=min_channels, seed=seed)
+        layer = fraction_pruned(layer, fraction, method, min_channels=min_channels, seed=seed,
+                                sides=sides, compensate=compensate)
         drop_identity_adapters(layer)  # nothing for later fine-tuning to move on unpruned sides
         replace_module(model, name, layer)
     return channel_widths(model)

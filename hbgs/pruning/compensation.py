@@ -99,6 +99,18 @@ def pruned(layer: AdaptedConv, side: str, selection: Selection) -> AdaptedConv:
                        copy.deepcopy(layer.out_adapter))
 
 
+def uncompensated(layer: AdaptedConv | nn.Conv2d, side: str, selection: Selection) -> Selection:
+    """``selection``'s kept channels with plain removal instead of compensation: ``Λ`` keeps
+    only the unit rows of the kept channels, so a removed output channel computes zero (its
+    filter zeroed; a conv bias stays) and a removed input channel is ignored. The baseline
+    that compensation is measured against; ``error`` is the removed filters' squared norm."""
+    coef = torch.zeros_like(selection.coef)
+    coef[selection.keep, torch.arange(len(selection.keep))] = 1.0
+    filters = torch.cat(filter_matrices(layer, side)).to(torch.float64)  # row = channel index
+    error = float(filters[selection.removed].pow(2).sum())
+    return Selection(selection.keep, coef, error, selection.order, f"{selection.method}-removal")
+
+
 def apply(layer: AdaptedConv, side: str, selection: Selection) -> None:
     """``pruned`` in place: ``layer`` gets the pruned conv and compensated adapters."""
     new = pruned(layer, side, selection)
