@@ -179,6 +179,7 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
                for name, net in (("dense", original), ("pruned", model))}
     summary = {
         "stage": "prune",
+        "method": cfg.get("method"),  # the paper's name when chosen with method=...
         "criterion": crit,
         "selector": method,
         "checkpoint": str(Path(cfg.ckpt).resolve()),

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,13 +31,20 @@ def flat_scalars(data: dict, prefix: str = "", skip=("widths", "sensitivity", "m
 def main(cfg: DictConfig) -> dict | None:
     from hbgs.loggers import finish_wandb
     from hbgs.stages import STAGES, write_json
+    from hbgs.zoo import resolve_ckpt
 
     if cfg.stage not in STAGES:
         log.error("Unknown stage=%s: use one of %s.", cfg.stage, ", ".join(STAGES))
         sys.exit(2)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if cfg.threads is not None:  # e.g. threads=1 for parallel jobs sharing a machine's cores
+        torch.set_num_threads(cfg.threads)
     try:
+        if cfg.stage != "train":  # training starts from scratch (or resume=); the others read ckpt
+            choices = hydra_cfg.runtime.choices
+            cfg.ckpt = resolve_ckpt(cfg.ckpt, choices.get("model"), choices.get("dataset"))
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         summary = STAGES[cfg.stage](cfg, run_dir)
     except HbgsError as e:
         log.error("%s", e)

@@ -21,7 +21,7 @@ def test_help_lists_groups_and_options():
 def test_cfg_job_prints_the_composed_config():
     out = hbgs_run("--cfg", "job", "model=vgg16")
     assert out.returncode == 0
-    assert "_target_: hbgs.models.vgg16" in out.stdout and "stage: train" in out.stdout
+    assert "_target_: hbgs.models.vgg16" in out.stdout and "stage: prune" in out.stdout
 
 
 def test_unknown_option_lists_valid_choices_without_traceback():
@@ -85,9 +85,10 @@ def test_train_with_bridgeout_saves_a_plain_model(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["stage=eval"], "pass ckpt=<path to model.pt>"),
+    (["stage=eval", "ckpt=null"], "pass ckpt=<path to model.pt>"),
+    (["model=vgg16"], "the zoo has no vgg16 trained on cifar10"),
     (["stage=eval", "ckpt=/no/such/model.pt"], "stage=train"),
-    (["stage=prune"], "stage=prune needs a trained model"),
+    (["stage=prune", "ckpt=null"], "stage=prune needs a trained model"),
     (["stage=fly"], "use one of train, eval, prune, robustness"),
     (["stage=robustness"], "stage=robustness needs models"),
     (["stage=robustness", "ckpt=zoo/resnet20-cifar10.pt", "robustness.methods=[l3]"], "unknown robustness method"),

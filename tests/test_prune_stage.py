@@ -94,7 +94,7 @@ def test_uniform_fraction_prunes_every_layer_by_half(tmp_path, checkpoint):
 
 
 def test_uniform_meets_flops_target_within_tolerance(tmp_path, checkpoint):
-    summary = prune_run(tmp_path, checkpoint, "criterion=uniform", "criterion.target.flops=40",
+    summary = prune_run(tmp_path, checkpoint, "criterion=uniform", "criterion.target.params=null", "criterion.target.flops=40",
                         "criterion.tolerance=3", "finetune=none")
     reduction = summary["cost"]["reduction_vs_original_pct"]["flops"]
     assert 40 <= reduction <= 43 and summary["details"]["within_tolerance"]

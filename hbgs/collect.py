@@ -1,0 +1,137 @@
+"""Collect the prune runs of a multirun into one table, our figures beside the paper's.
+
+    python -m hbgs.collect <sweep dir> [more dirs ...] [--out DIR]
+
+reads every ``*/summary.json`` (stage=prune) under the given directories with the
+``config.yaml`` beside it, and writes ``table.md`` and ``table.csv`` (into ``--out``, default
+the first directory). A multirun writes them by itself at its end (``CollectTable``, a Hydra
+callback in conf/config.yaml). The paper's figure for a row comes from the experiment config's
+``paper:`` block, keyed by method name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
+
+from hbgs.reporting import write_csv
+
+# (criterion, selector) -> the method names of conf/method (the paper's column names)
+METHOD_NAMES = {("hbgs", "omp"): "hbgs", ("hbgs", "backward"): "hbgs_b", ("hbgts", "omp"): "hbgts",
+                ("hbgts", "backward"): "hbgts_b", ("uniform", "backward"): "fp_backward",
+                ("uniform", "omp"): "fp_omp", ("uniform", "random"): "random", ("uniform", "l1"): "l1",
+                ("sensitivity", "backward"): "sensitivity"}
+COLUMNS = ["method", "criterion", "selector", "model", "target", "params_reduction", "flops_reduction",
+           "dense_acc", "acc_before_finetune", "acc_after_finetune", "paper_acc", "paper_dense",
+           "finetune_steps", "prune_minutes", "finetune_minutes", "run_dir"]
+
+
+def collect_rows(directories) -> list[dict]:
+    """One row per finished prune run under ``directories`` (sorted by method, then run)."""
+    rows = []
+    for directory in directories:
+        for summary_path in sorted(Path(directory).glob("**/summary.json")):
+            summary = json.loads(summary_path.read_text())
+            if summary.get("stage") != "prune":
+                continue
+            config_path = summary_path.with_name("config.yaml")
+            config = OmegaConf.to_container(OmegaConf.load(config_path)) if config_path.is_file() else {}
+            rows.append(table_row(summary, config, summary_path.parent))
+    return sorted(rows, key=lambda r: (r["method"], r["run_dir"]))
+
+
+def table_row(summary: dict, config: dict, run_dir: Path) -> dict:
+    criterion, selector = summary["criterion"], summary["selector"]
+    method = config.get("method") or METHOD_NAMES.get((criterion, selector), f"{criterion}+{selector}")
+    paper = config.get("paper") or {}
+    target = summary["target"]
+    target_text = (f"-{target['params']:g}% params" if target.get("params") is not None else
+                   f"-{target['flops']:g}% FLOPs" if target.get("flops") is not None else
+                   f"{summary['details'].get('fraction', '?')} of each layer")
+    accuracy, cost, seconds = summary["accuracy"], summary["cost"], summary["seconds"]
+    return {
+        "method": method, "criterion": criterion, "selector": selector,
+        "model": (config.get("model") or {}).get("_target_", "?").rsplit(".", 1)[-1],
+        "target": target_text,
+        "params_reduction": cost["reduction_vs_original_pct"]["params"],
+        "flops_reduction": cost["reduction_vs_original_pct"]["flops"],
+        "dense_acc": 100 * accuracy["dense_test"],
+        "acc_before_finetune": 100 * accuracy["pruned_test_before_finetune"],
+        "acc_after_finetune": 100 * accuracy["pruned_test_after_finetune"],
+        "paper_acc": paper.get(method), "paper_dense": paper.get("dense"),
+        "finetune_steps": accuracy["final_finetune_steps"],
+        "prune_minutes": seconds["pruning"] / 60,
+        "finetune_minutes": (seconds["short_finetunes"] + seconds["final_finetune"]) / 60,
+        "run_dir": str(run_dir),
+        "dataset": summary["dataset"], "test_images": summary["test_images"],
+        "flops_convention": cost["convention"],
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    """The table as Markdown, with the conventions it was measured under."""
+    def number(value, digits=2):
+        return "–" if value is None else f"{value:.{digits}f}"
+
+    lines = ["| method | criterion + selector | model | target | params ↓ % | FLOPs ↓ % | dense acc | "
+             "acc before FT | acc after FT | paper acc (dense) | prune min | FT min |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        paper = "–" if r["paper_acc"] is None else f"{r['paper_acc']:.1f} ({number(r['paper_dense'], 1)})"
+        lines.append(f"| {r['method']} | {r['criterion']} + {r['selector']} | {r['model']} | {r['target']} | "
+                     f"{number(r['params_reduction'])} | {number(r['flops_reduction'])} | {number(r['dense_acc'])} | "
+                     f"{number(r['acc_before_finetune'])} | {number(r['acc_after_finetune'])} | {paper} | "
+                     f"{number(r['prune_minutes'], 1)} | {number(r['finetune_minutes'], 1)} |")
+    if rows:
+        first = rows[0]
+        lines += ["", f"Accuracy: % on the {first['dataset']} test split ({first['test_images']} images; the offline "
+                      "CIFAR copy is JPEG-encoded, so figures can differ slightly from the PNG/pickle release). "
+                      "Reductions against the original network (no adapters); "
+                      f"{first['flops_convention']}. FT = fine-tune (distilled from the unpruned model)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(directories, out: Path | None = None) -> Path | None:
+    """Write table.md and table.csv; return the Markdown path (None when no prune run was found)."""
+    directories = [Path(d) for d in directories]
+    rows = collect_rows(directories)
+    if not rows:
+        return None
+    out = Path(out or directories[0])
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "table.csv", [{k: r[k] for k in COLUMNS} for r in rows])
+    (out / "table.md").write_text(markdown(rows))
+    return out / "table.md"
+
+
+class CollectTable(Callback):
+    """Hydra callback: at the end of a multirun, the table of its prune runs in the sweep directory."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        path = write_table([config.hydra.sweep.dir])
+        if path is not None:
+            print(f"\n{path.read_text()}\ntable written to {path} and {path.with_suffix('.csv')}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("directories", nargs="+", type=Path, help="multirun (or run) directories to search")
+    parser.add_argument("--out", type=Path, default=None, help="where to write table.md/table.csv")
+    args = parser.parse_args(argv)
+    missing = [str(d) for d in args.directories if not d.is_dir()]
+    if missing:
+        parser.error(f"no such directory: {', '.join(missing)}")
+    path = write_table(args.directories, args.out)
+    if path is None:
+        parser.error("found no finished stage=prune run (a summary.json) under "
+                     + ", ".join(map(str, args.directories)))
+    print(path.read_text())
+    print(f"written: {path} and {path.with_suffix('.csv')}")
+
+
+if __name__ == "__main__":
+    main()

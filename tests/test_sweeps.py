@@ -1,0 +1,98 @@
+"""Sweeps: parallel local jobs through the joblib launcher (each its own W&B run), the SLURM
+launcher's composition, method/experiment configs, and the table a multirun of prune jobs ends
+with."""
+
+import csv
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF_DIR, REPO, hbgs_run
+from hbgs.collect import main as collect_main
+from hbgs.errors import HbgsError
+from hbgs.zoo import resolve_ckpt, zoo_checkpoint
+
+
+def compose_with(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_joblib_runs_jobs_in_parallel_each_its_own_wandb_run(tmp_path):
+    out = hbgs_run("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "threads=1", "stage=eval",
+                   "ckpt=zoo", "dataset.limit_test=100,200", "latency.batch_sizes=[1]", "latency.repeats=2",
+                   "dataset.calib_size=100", "logger=wandb", f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in out.stdout + out.stderr
+    jobs = sorted(p.parent for p in tmp_path.glob("*/summary.json"))
+    assert [json.loads((j / "summary.json").read_text())["test_images"] for j in jobs] == [100, 200]
+    runs = [sorted((j / "wandb").glob("offline-run-*")) for j in jobs]
+    assert [len(r) for r in runs] == [1, 1] and runs[0][0].name != runs[1][0].name
+
+
+def test_slurm_launcher_composes_with_our_settings():
+    cfg = compose_with("hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
+                       "hydra.launcher.gpus_per_node=1", "trainer=gpu")
+    assert cfg.hydra.launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (cfg.hydra.launcher.partition, cfg.hydra.launcher.gpus_per_node) == ("gpu", 1)
+    assert cfg.trainer.accelerator == "gpu"
+
+
+METHODS = {"hbgs": ("hbgs", "omp"), "hbgs_b": ("hbgs", "backward"), "hbgts": ("hbgts", "omp"),
+           "hbgts_b": ("hbgts", "backward"), "fp_backward": ("uniform", "backward"), "fp_omp": ("uniform", "omp"),
+           "random": ("uniform", "random"), "l1": ("uniform", "l1"), "sensitivity": ("sensitivity", "backward")}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_sets_criterion_and_selector(method):
+    cfg = compose_with(f"method={method}")
+    assert (cfg.criterion.name, cfg.selector.method, cfg.method) == (*METHODS[method], method)
+
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_with_each_of_its_methods(experiment):
+    cfg = compose_with(f"experiment={experiment}")
+    methods = str((cfg.hydra.sweeper.params or {}).get("method", "")).split(",")
+    if methods == [""]:  # a single-method row names its method itself
+        assert cfg.stage == "prune" and (cfg.paper is None or cfg.method in cfg.paper)
+    for method in filter(None, methods):
+        job = compose_with(f"experiment={experiment}", f"method={method}")
+        assert (job.criterion.name, job.selector.method) == METHODS[method]
+        assert job.stage == "prune" and job.criterion.target == cfg.criterion.target
+        if job.paper:  # a paper row stores the published figure of every method it sweeps
+            assert method in job.paper and "dense" in job.paper
+
+
+def test_zoo_checkpoint_resolves_and_a_missing_one_says_how_to_train_it():
+    assert resolve_ckpt("zoo", "resnet20", "cifar10") == str(REPO / "zoo" / "resnet20-cifar10.pt")
+    assert resolve_ckpt("a/model.pt", "resnet20", "cifar10") == "a/model.pt"
+    with pytest.raises(HbgsError, match="stage=train model=vgg16 dataset=cifar100"):
+        zoo_checkpoint("vgg16", "cifar100")
+
+
+def test_multirun_of_prune_jobs_ends_with_a_table(tmp_path, trained_run):
+    paper = "+paper={dense: 90.0, fp_backward: 88.5}"
+    out = hbgs_run("-m", "method=fp_backward,l1", f"ckpt={trained_run / 'model.pt'}", "criterion.target.params=30",
+                   "finetune=none", "dataset.calib_size=100", "dataset.limit_test=100",
+                   "latency.repeats=2", "logger=none", paper, f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(tmp_path / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["fp_backward", "l1"]
+    summaries = {json.loads(p.read_text())["method"]: json.loads(p.read_text()) for p in tmp_path.glob("*/summary.json")}
+    for row in rows:
+        summary = summaries[row["method"]]
+        assert float(row["params_reduction"]) == pytest.approx(summary["cost"]["reduction_vs_original_pct"]["params"])
+        assert float(row["acc_after_finetune"]) == pytest.approx(100 * summary["accuracy"]["pruned_test_after_finetune"])
+        assert float(row["params_reduction"]) >= 30
+    assert rows[0]["paper_acc"] == "88.5" and rows[1]["paper_acc"] == ""
+    table = (tmp_path / "table.md").read_text()
+    assert "| fp_backward | uniform + backward | resnet20 | -30% params |" in table and "88.5 (90.0)" in table
+    assert "MACs of conv+linear" in table and "JPEG" in table
+    # the same table from the command line, elsewhere
+    collect_main([str(tmp_path), "--out", str(tmp_path / "again")])
+    assert (tmp_path / "again" / "table.md").read_text() == table
