@@ -81,7 +81,12 @@ def test_train_with_bridgeout_saves_a_plain_model(tmp_path):
     assert sum(p.numel() for p in model.parameters()) == 269_722
     assert not any("parametrizations" in k for k in model.state_dict())
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
-    assert any("parametrizations.weight.original" in k for k in ckpt["state_dict"])  # resumable mid-fit state
+    assert any("parametrizations.weight.original" in k for k in ckpt["state_dict"])  # mid-fit state
+    resumed = hbgs_run("stage=train", "model=resnet20", "dataset.limit_train=256", "trainer.max_epochs=2",
+                       "regularizer=bridgeout", f"resume={tmp_path / 'checkpoints' / 'last.ckpt'}",
+                       f"hydra.run.dir={tmp_path / 'resumed'}", *QUICK)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["optimizer_steps"] == 4
 
 
 @pytest.mark.parametrize("args,message", [
@@ -90,7 +95,7 @@ def test_train_with_bridgeout_saves_a_plain_model(tmp_path):
     (["stage=eval", "ckpt=/no/such/model.pt"], "stage=train"),
     (["stage=prune", "ckpt=null"], "stage=prune needs a trained model"),
     (["stage=fly"], "use one of train, eval, prune, robustness"),
-    (["stage=robustness"], "stage=robustness needs models"),
+    (["stage=robustness", "ckpt=null"], "stage=robustness needs models"),
     (["stage=robustness", "ckpt=zoo/resnet20-cifar10.pt", "robustness.methods=[l3]"], "unknown robustness method"),
     (["stage=train", "regularizer=bridgeout", "regularizer.p=1.5"], "bridgeout p"),
 ])
