@@ -93,14 +93,21 @@ class ShortFinetune:
 
 
 def target_of(criterion: DictConfig) -> tuple[float | None, float | None]:
+    """(params, flops) targets of the run, checked before anything is loaded: exactly one is set."""
     target = criterion.get("target") or {}
-    return target.get("params"), target.get("flops")
+    params, flops = target.get("params"), target.get("flops")
+    if (params is None) == (flops is None):
+        raise HbgsError(f"criterion.target.params={params} and criterion.target.flops={flops}: give exactly "
+                        "one target (a % reduction against the original network) and set the other to null, "
+                        "e.g. criterion.target.params=null criterion.target.flops=50")
+    return params, flops
 
 
 def prune(cfg: DictConfig, run_dir: Path) -> dict:
     crit = cfg.criterion.name
     if crit not in CRITERIA:
         raise HbgsError(f"Unknown criterion {crit!r}: use criterion=one of {', '.join(CRITERIA)}.")
+    target_params, target_flops = target_of(cfg.criterion) if crit != "uniform_fraction" else (None, None)
     original, model_cfg = load_trained(cfg)
     datamodule = instantiate(cfg.dataset)
     datamodule.setup()
@@ -111,7 +118,6 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
     original.eval().requires_grad_(False)  # the reference and teacher: never trained
     wrap_model(model)
     method, seed = cfg.selector.method, cfg.seed
-    target_params, target_flops = target_of(cfg.criterion)
     metric = "params" if target_params is not None else "flops"
     logger = build_logger(cfg.logger, run_dir, f"prune-{crit}-{method}", OmegaConf.to_container(cfg, resolve=True))
     reporter = RoundReporter(calib_loader, [logger], target_params or target_flops or 0.0, metric,

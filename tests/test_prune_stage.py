@@ -127,7 +127,8 @@ def test_finetune_trains_the_student_not_the_teacher(cifar10):
 @pytest.mark.parametrize("args,message", [
     (["criterion.target.params=100"], "out of reach"),
     (["stage=prune", "ckpt=/no/such.pt"], "stage=train"),
-    (["criterion=uniform", "criterion.target.flops=100"], "out of reach"),
+    (["criterion=uniform", "criterion.target.params=null", "criterion.target.flops=100"], "out of reach"),
+    (["criterion.target.flops=50"], "criterion.target.params=null"),
     (["criterion.target.params=0"], "greater than 0"),
     (["criterion.step=1000"], "step"),
     (["model=resnet56"], "pass the matching model="),
