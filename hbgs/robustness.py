@@ -14,6 +14,7 @@ first. Accuracy is on the test split (this stage makes no decision from data).
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from hbgs.pruning import ReferenceCosts, fold_identity_adapters, saved_cost, wra
 from hbgs.pruning.acra import prune_layers, wrapped_layers
 from hbgs.pruning.selectors import METHODS
 from hbgs.reporting import plot_robustness, write_csv
+
+log = logging.getLogger("hbgs")
 
 REMOVAL = "-removal"
 REMOVAL_METHODS = ("l1", "l2", "random")  # ways to pick filters that need no fitting
@@ -108,7 +111,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     logger = build_logger(cfg.logger, run_dir, "robustness", OmegaConf.to_container(cfg, resolve=True))
     methods, fractions = list(cfg.robustness.methods), list(cfg.robustness.fractions)
 
-    def log_row(row: dict) -> None:
+    def log_row(row: dict) -> None:  # one line per point, so a long sweep shows its progress
+        log.info(f"{row['checkpoint']} {row['method']} {100 * row['fraction']:.0f}% removed: "
+                 f"test acc {100 * row['test_acc']:.2f}%")
         if logger:
             logger.log_metrics({f"robustness/{row['checkpoint']}/{row['method']}/test_acc": row["test_acc"]},
                                step=round(100 * row["fraction"]))
