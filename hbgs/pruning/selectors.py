@@ -163,32 +163,37 @@ def _naive_step(F: torch.Tensor, kept: list[int], ridge: float) -> int:
 
 
 def _backward(F: torch.Tensor, n_keep: int) -> Selection:
-    """§1.3 with Γ = M[S,S]⁻¹ and C = M[:,S]Γ (stored transposed: one row per kept filter, one
-    column per filter). Removing filter k is two rank-one updates, which also zero its row and
-    column, so there is no re-inversion. The squared norms of C's rows are updated from the same
-    rank-one terms; every ``_REFRESH`` steps they are recomputed exactly (so round-off cannot
-    build up) and the removed filters' zero rows are dropped (so later updates are smaller)."""
+    """§1.3 with Γ = M[S,S]⁻¹ and C = M[:,S]Γ. C's rows of kept filters are the identity, so only
+    its rows of removed filters are stored, transposed (one row per kept filter, one column per
+    removed one): removing filter k is a rank-one update of Γ and of that block, plus a new
+    column −Γ[:,k]/γ_k, which also zero k's row and column, so there is no re-inversion. The
+    squared column norms of C (1 + the stored row's) are updated from the same rank-one terms;
+    every ``_REFRESH`` steps they are recomputed exactly (so round-off cannot build up) and the
+    removed filters' zero rows are dropped (so later updates are smaller)."""
     n = F.shape[0]
     gram = F @ F.T
     gamma = torch.cholesky_inverse(_ridged_cholesky(gram, F.shape[1])[1])
-    coefs_t = torch.eye(n, dtype=F.dtype)  # Cᵀ; C = M Γ is the identity before any removal
-    norms = torch.ones(n, dtype=F.dtype)  # ||C[:, j]||²
-    alive = torch.arange(n)  # filter index of each row of Γ and Cᵀ
+    removed_coefs = torch.zeros(n, n - n_keep, dtype=F.dtype)  # C[R,S]ᵀ, filled a column per step
+    norms = torch.ones(n, dtype=F.dtype)  # ||C[:, j]||² = 1 + ||C[R, j]||²
+    alive = torch.arange(n)  # filter index of each row of Γ and of removed_coefs
     removed_penalty = torch.zeros(n, dtype=F.dtype)
     order = torch.empty(n - n_keep, dtype=torch.long)
     for step in range(n - n_keep):
         if step % _REFRESH == _REFRESH - 1:
             rows = torch.isfinite(removed_penalty).nonzero().flatten()
-            alive, gamma, coefs_t = alive[rows], gamma[rows][:, rows], coefs_t[rows]
+            alive, gamma, removed_coefs = alive[rows], gamma[rows][:, rows], removed_coefs[rows]
             removed_penalty = removed_penalty[rows]
-            norms = coefs_t.square().sum(1)
+            norms = 1 + removed_coefs[:, :step].square().sum(1)
         k = int((norms / gamma.diagonal() + removed_penalty).argmin())
-        g, c = gamma[k].clone(), coefs_t[k].clone()
+        g = gamma[k].clone()
         a = g / float(g[k])  # g / γ
-        norms += a * (a * c.dot(c) - 2 * torch.mv(coefs_t, c))
+        coefs = removed_coefs[:, :step]  # a view: the updates below write through
+        c = coefs[k].clone()
+        norms += a * (a * (1 + c.dot(c)) - 2 * torch.mv(coefs, c))
         gamma.addr_(g, a, alpha=-1.0)  # Γ − g gᵀ/γ
-        coefs_t.addr_(a, c, alpha=-1.0)  # (C − c gᵀ/γ)ᵀ
-        gamma[k], gamma[:, k], coefs_t[k] = 0.0, 0.0, 0.0  # exact zeros, not round-off
+        coefs.addr_(a, c, alpha=-1.0)  # C[R,S] − c gᵀ/γ, transposed
+        removed_coefs[:, step] = -a  # k's own row of C: M[k,S]Γ' = −g/γ on the filters still kept
+        gamma[k], gamma[:, k], removed_coefs[k] = 0.0, 0.0, 0.0  # exact zeros, not round-off
         gamma[k, k] = 1.0  # keeps the cost of the removed filter finite (then +inf)
         removed_penalty[k] = torch.inf
         order[step] = alive[k]
