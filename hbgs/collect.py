@@ -53,7 +53,6 @@ def table_row(summary: dict, config: dict, run_dir: Path) -> dict:
                    f"-{target['flops']:g}% FLOPs" if target.get("flops") is not None else
                    f"{summary['details'].get('fraction', '?')} of each layer")
     accuracy, cost, seconds = summary["accuracy"], summary["cost"], summary["seconds"]
-    finetuned = accuracy["final_finetune_steps"] > 0 or seconds["short_finetunes"] > 0
     return {
         "method": method, "criterion": criterion, "selector": selector,
         "model": (config.get("model") or {}).get("_target_", "?").rsplit(".", 1)[-1],
@@ -62,8 +61,9 @@ def table_row(summary: dict, config: dict, run_dir: Path) -> dict:
         "flops_reduction": cost["reduction_vs_original_pct"]["flops"],
         "dense_acc": 100 * accuracy["dense_test"],
         "acc_before_finetune": 100 * accuracy["pruned_test_before_finetune"],
-        # a run without any fine-tune has no "after" figure (the summary repeats the "before" one)
-        "acc_after_finetune": 100 * accuracy["pruned_test_after_finetune"] if finetuned else None,
+        # no final fine-tune, no "after" figure: the summary then repeats the "before" one
+        "acc_after_finetune": (100 * accuracy["pruned_test_after_finetune"]
+                               if accuracy["final_finetune_steps"] else None),
         "paper_acc": paper.get(method), "paper_dense": paper.get("dense"),
         "finetune_steps": accuracy["final_finetune_steps"],
         "prune_minutes": seconds["pruning"] / 60,

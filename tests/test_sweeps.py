@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF_DIR, REPO, hbgs_run
-from hbgs.collect import main as collect_main
+from hbgs.collect import main as collect_main, table_row
 from hbgs.errors import HbgsError
 from hbgs.zoo import resolve_ckpt, zoo_checkpoint
 
@@ -97,3 +97,17 @@ def test_multirun_of_prune_jobs_ends_with_a_table(tmp_path, trained_run):
     # the same table from the command line, elsewhere
     collect_main([str(tmp_path), "--out", str(tmp_path / "again")])
     assert (tmp_path / "again" / "table.md").read_text() == table
+
+
+@pytest.mark.parametrize("final_steps,short_seconds,after", [(79, 0.0, 80.2), (0, 0.0, None), (0, 12.0, None)])
+def test_table_has_an_after_figure_only_when_a_final_finetune_ran(final_steps, short_seconds, after):
+    summary = {"criterion": "uniform", "selector": "backward", "target": {"params": 50, "flops": None},
+               "accuracy": {"dense_test": 0.8685, "pruned_test_before_finetune": 0.1107,
+                            "pruned_test_after_finetune": 0.802 if final_steps else 0.1107,
+                            "final_finetune_steps": final_steps},
+               "cost": {"reduction_vs_original_pct": {"params": 50.29, "flops": 48.57}, "convention": "MACs"},
+               "seconds": {"pruning": 6.0, "short_finetunes": short_seconds, "final_finetune": 60.0 if final_steps else 0.0},
+               "dataset": "cifar10", "test_images": 10000}
+    row = table_row(summary, {}, REPO)
+    assert row["method"] == "fp_backward" and row["acc_before_finetune"] == pytest.approx(11.07)
+    assert row["acc_after_finetune"] == (None if after is None else pytest.approx(after))
