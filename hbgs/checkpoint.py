@@ -2,16 +2,36 @@
 
 A file is a ``torch.save`` of a dict::
 
-    {"format": "hbgs-model/1",
+    {"format": "hbgs-model/2",
      "model_cfg": {"_target_": "hbgs.models.resnet20", "num_classes": 10},   # or None
-     "structure": {"layer1.0.conv1": <AdaptedConv.spec()>, ...},             # pruned layers
+     "structure": {"layer1.0.conv1": <AdaptedConv.spec()>,                  # what differs from
+                   "layer1.0.bn1": {"kind": "BatchNorm2d", "args": {...}},   # model_cfg's model
+                   ...},
      "state_dict": {...},
-     "meta": {...}}                                                          # plain data
+     "meta": {...},                                                          # plain data
+     "memory_format": "channels_last"}                                       # optional
 
-Loading instantiates ``model_cfg`` with Hydra, swaps in an ``AdaptedConv`` of the recorded
-shapes at every name in ``structure``, and loads the weights strictly, so a pruned model loads
-with no knowledge of how it was pruned (a pruned ``state_dict`` alone would not fit the
-original class).
+``structure`` maps a module name to the module to put there instead of the one ``model_cfg``
+builds. Two forms of entry:
+
+* an ``AdaptedConv`` (a layer pruned with adapters): its ``spec()``, the dict with keys
+  ``conv`` / ``in_adapter`` / ``out_adapter`` (the only form of the first files);
+* a plain leaf whose type or shape differs from the built model's (structural surgery, an
+  exported model's folded BatchNorms and merged convs): ``{"kind": K, "args": {...}}`` with K one
+  of ``Conv2d``, ``BatchNorm2d``, ``Linear``, ``Identity`` and ``args`` its constructor
+  arguments (``LEAF_KINDS``).
+
+``save_model`` finds these by building ``model_cfg`` (on the meta device: no memory, no
+initialisation cost) and comparing module types and constructor arguments name by name, so
+only the changed modules are recorded and the file stays the size of the weights. A changed
+module of any other type cannot be recorded: saving says so (save it pickled, without
+``model_cfg``). ``memory_format`` is present when the model's conv weights are channels-last (an
+exported model that measured faster that way); loading converts the model back to it.
+
+Loading instantiates ``model_cfg`` with Hydra, puts the recorded module at every name in
+``structure``, and loads the weights strictly (every key and shape must match), so a pruned
+model loads with no knowledge of how it was pruned (a pruned ``state_dict`` alone would not fit
+the original class).
 
 Models without a ``model_cfg`` (a user's own class, built without Hydra) are stored as a pickled
 module instead. That always round-trips, but unpickling imports the model's class by name and
@@ -24,7 +44,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -33,7 +53,8 @@ from torch import nn
 from hbgs.errors import HbgsError
 from hbgs.pruning.adapters import AdaptedConv
 
-FORMAT = "hbgs-model/1"
+FORMAT = "hbgs-model/2"  # 2: tagged leaf entries in ``structure``, ``memory_format``
+READABLE_FORMATS = ("hbgs-model/1", FORMAT)  # a /1 file is a /2 file without those
 _HOW_TO_GET_ONE = "train one with `python -m hbgs.run stage=train model=<name>`"
 
 
@@ -62,7 +83,11 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, model_cfg: Mapping 
         torch.save(model, buffer)
         payload["module"] = buffer.getvalue()
     else:
-        payload["state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        payload["structure"] = changed_structure(model, model_cfg)
+        payload["state_dict"] = {k: v.detach().cpu().contiguous()
+                                 for k, v in model.state_dict().items()}
+        if is_channels_last(model):
+            payload["memory_format"] = "channels_last"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -91,6 +116,8 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         model = _build(payload["model_cfg"], payload["structure"], path)
         _load_weights(model, payload["state_dict"], path)
         model.to(map_location)
+        if payload.get("memory_format") == "channels_last":
+            model.to(memory_format=torch.channels_last)
     return model.eval()
 
 
@@ -109,6 +136,108 @@ def adapted_structure(model: nn.Module) -> dict[str, dict]:
     return {name: m.spec() for name, m in model.named_modules() if isinstance(m, AdaptedConv)}
 
 
+# -- plain leaves whose shape or type changed ----------------------------------------------------
+
+def _conv2d_args(m: nn.Conv2d) -> dict:
+    return {"in_channels": m.in_channels, "out_channels": m.out_channels,
+            "kernel_size": tuple(m.kernel_size), "stride": tuple(m.stride),
+            "padding": m.padding if isinstance(m.padding, str) else tuple(m.padding),
+            "dilation": tuple(m.dilation), "groups": m.groups, "bias": m.bias is not None,
+            "padding_mode": m.padding_mode}
+
+
+def _batchnorm2d_args(m: nn.BatchNorm2d) -> dict:
+    return {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum,
+            "affine": m.affine, "track_running_stats": m.track_running_stats}
+
+
+def _linear_args(m: nn.Linear) -> dict:
+    return {"in_features": m.in_features, "out_features": m.out_features,
+            "bias": m.bias is not None}
+
+
+# kind → (class, constructor arguments of an instance); the classes are matched exactly, so a
+# subclass (a parametrized conv, a user's own layer) is never mistaken for its base.
+LEAF_KINDS: dict[str, tuple[type[nn.Module], Callable[[nn.Module], dict]]] = {
+    "Conv2d": (nn.Conv2d, _conv2d_args),
+    "BatchNorm2d": (nn.BatchNorm2d, _batchnorm2d_args),
+    "Linear": (nn.Linear, _linear_args),
+    "Identity": (nn.Identity, lambda m: {}),
+}
+_KIND_OF = {cls: kind for kind, (cls, _) in LEAF_KINDS.items()}
+
+
+def leaf_spec(module: nn.Module) -> dict | None:
+    """``{"kind": K, "args": {...}}`` for a module of a recordable leaf type, else None."""
+    kind = _KIND_OF.get(type(module))
+    return None if kind is None else {"kind": kind, "args": LEAF_KINDS[kind][1](module)}
+
+
+def module_from_spec(spec: dict) -> nn.Module:
+    """The module a ``structure`` entry describes (either form), weights to be loaded."""
+    if "kind" not in spec:
+        return AdaptedConv.from_spec(spec)
+    if spec["kind"] not in LEAF_KINDS:
+        raise CheckpointError(f"unknown module kind {spec['kind']!r} in the file's structure; "
+                              f"this version reads {', '.join(LEAF_KINDS)} and AdaptedConv")
+    return LEAF_KINDS[spec["kind"]][0](**spec["args"])
+
+
+def changed_structure(model: nn.Module, model_cfg: Mapping) -> dict[str, dict]:
+    """The ``structure`` of ``model`` against the model ``model_cfg`` builds: every
+    ``AdaptedConv``, and every ``Conv2d`` / ``BatchNorm2d`` / ``Linear`` / ``Identity`` whose type
+    or constructor arguments differ from the module of the same name there. A module with no
+    namesake is not recorded (its weights make loading fail with the unexpected keys named).
+    CheckpointError when a module of another type differs in type."""
+    reference = dict(_instantiate_cheaply(model_cfg).named_modules())
+    structure, replaced = {}, []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix + ".") for prefix in replaced):
+            continue  # the root, or inside a module already recorded whole
+        old = reference.get(name)
+        if isinstance(module, AdaptedConv):
+            structure[name] = module.spec()
+        elif type(module) in _KIND_OF:
+            spec = leaf_spec(module)
+            if old is not None and leaf_spec(old) != spec:
+                structure[name] = spec
+        elif old is not None and type(old) is not type(module):
+            raise CheckpointError(
+                f"cannot record the {type(module).__name__} at {name!r} (the model built from "
+                f"{dict(model_cfg)} has a {type(old).__name__} there): the file records changed "
+                f"modules of the kinds {', '.join(LEAF_KINDS)} and AdaptedConv only; save this "
+                "model without model_cfg to pickle the module instead")
+        else:
+            continue
+        if name in structure:
+            replaced.append(name)
+    return structure
+
+
+def is_channels_last(model: nn.Module) -> bool:
+    """Whether the model's 4-D weights are laid out channels-last (and not also contiguous,
+    which a 1×1 weight is in both layouts)."""
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    telling = [p for p in weights if p.is_contiguous() != p.is_contiguous(memory_format=torch.channels_last)]
+    return bool(telling) and all(p.is_contiguous(memory_format=torch.channels_last) for p in telling)
+
+
+def _instantiate_cheaply(model_cfg: Mapping) -> nn.Module:
+    """``model_cfg``'s model with its tensors on the meta device (no memory, no real init); on
+    the CPU for a builder that does not work there."""
+    from hydra.utils import instantiate
+
+    try:
+        with torch.device("meta"):
+            return instantiate(dict(model_cfg))
+    except Exception:
+        try:
+            return instantiate(dict(model_cfg))
+        except Exception as err:
+            raise CheckpointError(f"cannot build model_cfg {dict(model_cfg)}: {err}; pass the "
+                                  "Hydra config of the model's original architecture") from err
+
+
 def _read(path, map_location) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -120,7 +249,7 @@ def _read(path, map_location) -> dict:
                               f"torch.load failed with {type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''}") from err
     found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-    if found != FORMAT:
+    if found not in READABLE_FORMATS:
         raise CheckpointError(f"{path} is not an hbgs model file: expected format {FORMAT!r}, "
                               f"found {found!r}; {_HOW_TO_GET_ONE}")
     return payload
@@ -139,7 +268,7 @@ def _build(model_cfg: dict, structure: dict, path) -> nn.Module:
         except AttributeError as err:
             raise CheckpointError(f"{path}: the file has a pruned layer {name!r} but the model "
                                   f"built from {model_cfg} has no such module") from err
-        model.set_submodule(name, AdaptedConv.from_spec(spec))
+        model.set_submodule(name, module_from_spec(spec))
     return model
 
 

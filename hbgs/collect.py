@@ -25,9 +25,9 @@ METHOD_NAMES = {("hbgs", "omp"): "hbgs", ("hbgs", "backward"): "hbgs_b", ("hbgts
                 ("hbgts", "backward"): "hbgts_b", ("uniform", "backward"): "fp_backward",
                 ("uniform", "omp"): "fp_omp", ("uniform", "random"): "random", ("uniform", "l1"): "l1",
                 ("sensitivity", "backward"): "sensitivity"}
-COLUMNS = ["method", "criterion", "selector", "model", "target", "params_reduction", "flops_reduction",
-           "dense_acc", "acc_before_finetune", "acc_after_finetune", "paper_acc", "paper_dense",
-           "finetune_steps", "prune_minutes", "finetune_minutes", "run_dir"]
+COLUMNS = ["method", "criterion", "selector", "surgery", "model", "target", "params_reduction",
+           "flops_reduction", "dense_acc", "acc_before_finetune", "acc_after_finetune", "paper_acc",
+           "paper_dense", "speedup_b64", "finetune_steps", "prune_minutes", "finetune_minutes", "run_dir"]
 
 
 def collect_rows(directories) -> list[dict]:
@@ -41,7 +41,7 @@ def collect_rows(directories) -> list[dict]:
             config_path = summary_path.with_name("config.yaml")
             config = OmegaConf.to_container(OmegaConf.load(config_path)) if config_path.is_file() else {}
             rows.append(table_row(summary, config, summary_path.parent))
-    return sorted(rows, key=lambda r: (r["method"], r["run_dir"]))
+    return sorted(rows, key=lambda r: (r["method"], r["target"], r["surgery"], r["run_dir"]))
 
 
 def table_row(summary: dict, config: dict, run_dir: Path) -> dict:
@@ -53,8 +53,10 @@ def table_row(summary: dict, config: dict, run_dir: Path) -> dict:
                    f"-{target['flops']:g}% FLOPs" if target.get("flops") is not None else
                    f"{summary['details'].get('fraction', '?')} of each layer")
     accuracy, cost, seconds = summary["accuracy"], summary["cost"], summary["seconds"]
+    speedup = (summary.get("latency_cpu") or {}).get("speedup_vs_dense", {}).get("exported", {})
     return {
         "method": method, "criterion": criterion, "selector": selector,
+        "surgery": summary.get("surgery", "adapters"),  # runs before surgery= existed used adapters
         "model": (config.get("model") or {}).get("_target_", "?").rsplit(".", 1)[-1],
         "target": target_text,
         "params_reduction": cost["reduction_vs_original_pct"]["params"],
@@ -65,6 +67,9 @@ def table_row(summary: dict, config: dict, run_dir: Path) -> dict:
         "acc_after_finetune": (100 * accuracy["pruned_test_after_finetune"]
                                if accuracy["final_finetune_steps"] else None),
         "paper_acc": paper.get(method), "paper_dense": paper.get("dense"),
+        # the exported model's CPU latency at batch 64 against the dense model's, one process
+        "speedup_b64": speedup.get("64"),
+        "latency_threads": (summary.get("latency_cpu") or {}).get("threads"),
         "finetune_steps": accuracy["final_finetune_steps"],
         "prune_minutes": seconds["pruning"] / 60,
         "finetune_minutes": (seconds["short_finetunes"] + seconds["final_finetune"]) / 60,
@@ -79,21 +84,26 @@ def markdown(rows: list[dict]) -> str:
     def number(value, digits=2):
         return "–" if value is None else f"{value:.{digits}f}"
 
-    lines = ["| method | criterion + selector | model | target | params ↓ % | FLOPs ↓ % | dense acc | "
-             "acc before FT | acc after FT | paper acc (dense) | prune min | FT min |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | criterion + selector | surgery | model | target | params ↓ % | FLOPs ↓ % | dense acc | "
+             "acc before FT | acc after FT | paper acc (dense) | speed-up b64 | prune min | FT min |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         paper = "–" if r["paper_acc"] is None else f"{r['paper_acc']:.1f} ({number(r['paper_dense'], 1)})"
-        lines.append(f"| {r['method']} | {r['criterion']} + {r['selector']} | {r['model']} | {r['target']} | "
-                     f"{number(r['params_reduction'])} | {number(r['flops_reduction'])} | {number(r['dense_acc'])} | "
-                     f"{number(r['acc_before_finetune'])} | {number(r['acc_after_finetune'])} | {paper} | "
+        speedup = "–" if r["speedup_b64"] is None else f"{r['speedup_b64']:.2f}×"
+        lines.append(f"| {r['method']} | {r['criterion']} + {r['selector']} | {r['surgery']} | {r['model']} | "
+                     f"{r['target']} | {number(r['params_reduction'])} | {number(r['flops_reduction'])} | "
+                     f"{number(r['dense_acc'])} | {number(r['acc_before_finetune'])} | "
+                     f"{number(r['acc_after_finetune'])} | {paper} | {speedup} | "
                      f"{number(r['prune_minutes'], 1)} | {number(r['finetune_minutes'], 1)} |")
     if rows:
         first = rows[0]
         lines += ["", f"Accuracy: % on the {first['dataset']} test split ({first['test_images']} images; the offline "
                       "CIFAR copy is JPEG-encoded, so figures can differ slightly from the PNG/pickle release). "
                       "Reductions against the original network (no adapters); "
-                      f"{first['flops_convention']}. FT = fine-tune (distilled from the unpruned model)."]
+                      f"{first['flops_convention']}. FT = fine-tune (distilled from the unpruned model). "
+                      "Speed-up: CPU latency at batch 64 of the dense model over the exported pruned model's "
+                      f"(model_exported.pt), measured in the run's process, interleaved, {first['latency_threads']} "
+                      "thread(s); surgery=adapters keeps every width (1×1 adapters), remove cuts channels."]
     return "\n".join(lines) + "\n"
 
 

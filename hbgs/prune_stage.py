@@ -16,17 +16,20 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from hbgs.accounting import measure_latency
+from hbgs.accounting import count_macs, count_params, measure_latencies, speedups
 from hbgs.bridgeout import regularizer_callbacks
 from hbgs.checkpoint import load_model, load_model_cfg, save_model
 from hbgs.errors import HbgsError
+from hbgs.export import export
 from hbgs.finetune import finetune
 from hbgs.loggers import build_logger
 from hbgs.module import evaluate_accuracy
 from hbgs.pruning import channel_widths, fold_identity_adapters, wrap_model
 from hbgs.pruning.acra import prune_uniform_fraction, sensitivity_allocation, uniform_allocation
 from hbgs.pruning.costs import ReferenceCosts, saved_cost
-from hbgs.pruning.hierarchical import hierarchical_prune
+from hbgs.pruning.hierarchical import SURGERIES, hierarchical_prune
+from hbgs.pruning.removal import remove_by_ratios
+from hbgs.pruning.surgery import ChannelSurgery, layer_widths
 from hbgs.reporting import LoggerRoundCallback, plot_accuracy_vs_flops, plot_widths, write_csv
 
 CRITERIA = ("hbgs", "hbgts", "uniform", "sensitivity", "uniform_fraction")
@@ -108,6 +111,10 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
     if crit not in CRITERIA:
         raise HbgsError(f"Unknown criterion {crit!r}: use criterion=one of {', '.join(CRITERIA)}.")
     target_params, target_flops = target_of(cfg.criterion) if crit != "uniform_fraction" else (None, None)
+    surgery = cfg.get("surgery", "adapters")
+    if surgery not in SURGERIES:
+        raise HbgsError(f"surgery={surgery!r}: use surgery=adapters (the paper's 1×1 adapters) or "
+                        "surgery=remove (channels removed for real, a faster network)")
     original, model_cfg = load_trained(cfg)
     datamodule = instantiate(cfg.dataset)
     datamodule.setup()
@@ -116,7 +123,8 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
     reference = ReferenceCosts.measure(original, input_size)
     model = copy.deepcopy(original).requires_grad_(True)
     original.eval().requires_grad_(False)  # the reference and teacher: never trained
-    wrap_model(model)
+    if surgery == "adapters":
+        wrap_model(model)
     method, seed = cfg.selector.method, cfg.seed
     metric = "params" if target_params is not None else "flops"
     logger = build_logger(cfg.logger, run_dir, f"prune-{crit}-{method}", OmegaConf.to_container(cfg, resolve=True))
@@ -135,11 +143,17 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
             model, original, calib_x, calib_y, criterion=crit, signal=cfg.criterion.get("signal", "features"),
             method=method, step=cfg.criterion.step, min_channels=cfg.criterion.min_channels,
             target_params=target_params, target_flops=target_flops, input_size=input_size, seed=seed,
-            callbacks=[short_finetune, reporter])
+            callbacks=[short_finetune, reporter], surgery=surgery)
         details = {"rounds": len(records), "signal": cfg.criterion.get("signal") if crit == "hbgts" else None,
                    "step": cfg.criterion.step, "calib_batch": len(calib_y),
                    "propose_seconds": sum(r.propose_seconds for r in records),
                    "score_seconds": sum(r.score_seconds for r in records)}
+    elif crit == "uniform_fraction" and surgery == "remove":
+        calib_x, _ = datamodule.calibration_batch(cfg.criterion.get("calib_batch", 256))
+        groups = ChannelSurgery(model, calib_x[:1]).groups()
+        remove_by_ratios(model, {g.root: cfg.criterion.fraction for g in groups}, groups, method, calib_x,
+                         min_channels=cfg.criterion.get("min_channels", 1), seed=seed)
+        details = {"fraction": cfg.criterion.fraction}
     elif crit == "uniform_fraction":
         prune_uniform_fraction(model, cfg.criterion.fraction, method, min_channels=cfg.criterion.get("min_channels", 1),
                                seed=seed)
@@ -147,9 +161,11 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
     else:
         common = dict(target_params=target_params, target_flops=target_flops, method=method,
                       tolerance=cfg.criterion.tolerance, min_channels=cfg.criterion.get("min_channels", 1),
-                      input_size=input_size, seed=seed)
+                      input_size=input_size, seed=seed, surgery=surgery)
         if crit == "uniform":
-            allocation = uniform_allocation(model, original, **common)
+            calib_x = datamodule.calibration_batch(cfg.criterion.get("calib_batch", 256))[0] if surgery == "remove" \
+                else None  # the adapters' compensation needs no data
+            allocation = uniform_allocation(model, original, calib_x=calib_x, **common)
             details = {"ratio": allocation.ratio}
         else:
             calib_x, calib_y = datamodule.calibration_batch(cfg.criterion.calib_batch)
@@ -163,7 +179,8 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
                        within_tolerance=allocation.within_tolerance, evaluations=allocation.evaluations)
     prune_seconds = time.perf_counter() - start
     reporter.close()
-    widths = {name: vars(w) for name, w in channel_widths(model).items()}
+    widths = ({name: vars(w) for name, w in channel_widths(model).items()} if surgery == "adapters"
+              else layer_widths(model, original))
     fold_identity_adapters(model)
     cost = saved_cost(model, reference)
     if not reporter.history:  # one-shot criteria: a single row
@@ -181,36 +198,43 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
     finetuned_test = evaluate_accuracy(model, test_loader) if final_steps else pruned_test
     cost = saved_cost(model, reference)
 
-    latency = {name: measure_latency(net, 1, input_size, threads=cfg.latency.threads, repeats=cfg.latency.repeats)
-               for name, net in (("dense", original), ("pruned", model))}
+    exported, export_report = export_for_inference(model, datamodule, cfg.latency)
+    exported_test = evaluate_accuracy(exported, test_loader)
+    latency = latency_block(original, model, exported, input_size, cfg.latency)
     summary = {
         "stage": "prune",
         "method": cfg.get("method"),  # the paper's name when chosen with method=...
         "criterion": crit,
         "selector": method,
+        "surgery": surgery,
         "checkpoint": str(Path(cfg.ckpt).resolve()),
         "dataset": cfg.dataset.name,
         "test_images": len(datamodule.splits["test"]),
         "target": {"params": target_params, "flops": target_flops},
         "accuracy": {"dense_test": dense_test, "dense_calib": dense_calib, "pruned_test_before_finetune": pruned_test,
-                     "pruned_test_after_finetune": finetuned_test, "final_finetune_steps": final_steps},
+                     "pruned_test_after_finetune": finetuned_test, "final_finetune_steps": final_steps,
+                     "exported_test": exported_test},
         "cost": {"convention": "params: all parameters; flops: MACs of conv+linear for one "
                                f"{'x'.join(map(str, input_size))} image",
                  "original": {"params": reference.params_original, "flops": reference.flops_original},
                  "adapter_augmented": {"params": reference.params_augmented, "flops": reference.flops_augmented},
                  "pruned": {"params": cost.params, "flops": cost.flops},
+                 "exported": {"params": count_params(exported), "flops": count_macs(exported, input_size)},
                  "reduction_vs_original_pct": {"params": cost.params_reduction, "flops": cost.flops_reduction},
                  "reduction_vs_adapter_augmented_pct": {"params": cost.params_reduction_vs_augmented,
                                                         "flops": cost.flops_reduction_vs_augmented}},
         "widths": widths,
         "seconds": {"pruning": prune_seconds, "short_finetunes": short_finetune.seconds, "final_finetune": final_seconds},
         "latency_cpu": latency,
+        "export": export_report.as_dict(),
         "details": details,
         "regularizer": OmegaConf.to_container(cfg.regularizer, resolve=True),  # during fine-tuning
     }
-    save_model(model, run_dir / "model.pt", model_cfg=model_cfg,
-               meta={"pruned_from": summary["checkpoint"], "criterion": crit, "selector": method,
-                     "test_acc": finetuned_test, "dataset": cfg.dataset.name, "input_size": list(input_size)})
+    meta = {"pruned_from": summary["checkpoint"], "criterion": crit, "selector": method,
+            "test_acc": finetuned_test, "dataset": cfg.dataset.name, "input_size": list(input_size)}
+    save_model(model, run_dir / "model.pt", model_cfg=model_cfg, meta=meta | {"exported": False})
+    save_model(exported, run_dir / "model_exported.pt", model_cfg=model_cfg,
+               meta=meta | {"test_acc": exported_test, "exported": True, "export": export_report.as_dict()})
     write_csv(run_dir / "history.csv", reporter.history)
     title = f"{cfg.model._target_.rsplit('.', 1)[-1]}: {crit} + {method}"
     plots = {"accuracy_vs_flops": run_dir / "accuracy_vs_flops.png", "widths": run_dir / "widths.png"}
@@ -218,5 +242,24 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
     plot_widths(plots["widths"], widths, title)
     reporter.log.on_prune_end(reporter.history, plots)
     summary["outputs"] = {k: str(v) for k, v in plots.items()} | {"model": str(run_dir / "model.pt"),
+                                                                   "model_exported": str(run_dir / "model_exported.pt"),
                                                                    "history": str(run_dir / "history.csv")}
     return summary
+
+
+def export_for_inference(model: torch.nn.Module, datamodule, latency_cfg: DictConfig):
+    """``hbgs.export`` of the final model, its choices timed at the largest reported batch size
+    with the reported threads; checked on a few real calibration images."""
+    example, _ = datamodule.calibration_batch(8)
+    repeats = min(latency_cfg.repeats, latency_cfg.get("export_repeats", 7))
+    return export(model, example_input=example, batch_size=max(latency_cfg.batch_sizes),
+                  threads=latency_cfg.threads, repeats=repeats, report=True)
+
+
+def latency_block(original, pruned, exported, input_size, latency_cfg: DictConfig) -> dict:
+    """CPU latency of the dense, pruned and exported models, measured together (interleaved
+    repeats, one process, the threads stated), with the speed-ups against the dense model."""
+    latency = measure_latencies({"dense": original, "pruned": pruned, "exported": exported},
+                                batch_sizes=list(latency_cfg.batch_sizes), input_size=tuple(input_size),
+                                threads=latency_cfg.threads, repeats=latency_cfg.repeats)
+    return latency | {"speedup_vs_dense": speedups(latency, "dense")}

@@ -8,7 +8,9 @@ by that selector and compensates through the out-adapters (§1.2). Several check
 on one chart, e.g. a Bridgeout-trained network and a plainly trained one.
 
 Prunable convs are those hbgs wraps: every conv with a spatial kernel except the network's
-first. Accuracy is on the test split (this stage makes no decision from data).
+first. With ``surgery=remove`` every channel group (``pruning.surgery``) loses the fraction for
+real, and the compensation is fitted on calibration images (``robustness.calib_batch``).
+Accuracy is on the test split (no decision is made from it).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -27,7 +30,11 @@ from hbgs.errors import HbgsError
 from hbgs.loggers import build_logger
 from hbgs.module import evaluate_accuracy
 from hbgs.pruning import ReferenceCosts, fold_identity_adapters, saved_cost, wrap_model
-from hbgs.pruning.acra import prune_layers, wrapped_layers
+from hbgs.pruning.acra import prune_layers
+from hbgs.pruning.adapters import wrapped_layers
+from hbgs.pruning.hierarchical import SURGERIES
+from hbgs.pruning.removal import remove_by_ratios
+from hbgs.pruning.surgery import ChannelSurgery
 from hbgs.pruning.selectors import METHODS
 from hbgs.reporting import plot_robustness, write_csv
 
@@ -47,11 +54,19 @@ def parse_method(name: str) -> tuple[str, bool]:
     return base, compensate
 
 
-def filters_pruned(model: nn.Module, fraction: float, method: str, *, seed: int = 0) -> nn.Module:
+def filters_pruned(model: nn.Module, fraction: float, method: str, *, seed: int = 0,
+                   surgery: str = "adapters", calib_x: torch.Tensor | None = None) -> nn.Module:
     """A copy of ``model`` with ``fraction`` of the output filters of every prunable conv removed
-    by ``method`` (see ``parse_method``), saved form (identity adapters folded)."""
+    by ``method`` (see ``parse_method``), saved form (identity adapters folded). With
+    ``surgery="remove"`` every channel group loses ``fraction`` of its channels for real,
+    compensated at its consumers on ``calib_x``."""
     selector, compensate = parse_method(method)
     pruned = copy.deepcopy(model)
+    if surgery == "remove":
+        groups = ChannelSurgery(pruned, calib_x[:1]).groups()
+        remove_by_ratios(pruned, {g.root: fraction for g in groups}, groups, selector, calib_x,
+                         seed=seed, compensate=compensate)
+        return pruned.eval()
     wrap_model(pruned)
     prune_layers(pruned, dict.fromkeys(wrapped_layers(pruned), fraction), selector, seed=seed,
                  sides=("out",), compensate=compensate)
@@ -61,9 +76,11 @@ def filters_pruned(model: nn.Module, fraction: float, method: str, *, seed: int 
 
 def robustness_curves(models: Mapping[str, nn.Module], fractions: Sequence[float], methods: Sequence[str],
                       evaluate: Callable[[nn.Module], float], *, input_size=(3, 32, 32), seed: int = 0,
-                      on_row: Callable[[dict], None] | None = None) -> list[dict]:
+                      on_row: Callable[[dict], None] | None = None, surgery: str = "adapters",
+                      calib_x: torch.Tensor | None = None) -> list[dict]:
     """One row per (checkpoint label, method, fraction): accuracy by ``evaluate`` and the saved
-    model's params/FLOPs reduction against the original. Fraction 0 is the dense model."""
+    model's params/FLOPs reduction against the original. Fraction 0 is the dense model.
+    ``surgery``/``calib_x``: as in ``filters_pruned``."""
     for method in methods:
         parse_method(method)  # fail before any work
     if any(not 0 <= f < 1 for f in fractions):
@@ -75,7 +92,8 @@ def robustness_curves(models: Mapping[str, nn.Module], fractions: Sequence[float
         dense_acc = evaluate(model)
         for method in methods:
             for fraction in fractions:
-                pruned = filters_pruned(model, fraction, method, seed=seed) if fraction > 0 else model
+                pruned = filters_pruned(model, fraction, method, seed=seed, surgery=surgery,
+                                        calib_x=calib_x) if fraction > 0 else model
                 cost = saved_cost(pruned, reference)
                 row = {"checkpoint": label, "method": method, "fraction": float(fraction),
                        "test_acc": dense_acc if fraction == 0 else evaluate(pruned),
@@ -98,6 +116,9 @@ def checkpoints_of(cfg: DictConfig) -> dict[str, str]:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
+    surgery = cfg.get("surgery", "adapters")
+    if surgery not in SURGERIES:
+        raise HbgsError(f"surgery={surgery!r}: use surgery=adapters or surgery=remove")
     checkpoints = checkpoints_of(cfg)
     models = {label: load_model(path) for label, path in checkpoints.items()}  # all load before any work
     for label, path in checkpoints.items():
@@ -118,8 +139,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             logger.log_metrics({f"robustness/{row['checkpoint']}/{row['method']}/test_acc": row["test_acc"]},
                                step=round(100 * row["fraction"]))
 
+    calib_x = datamodule.calibration_batch(cfg.robustness.calib_batch)[0] if surgery == "remove" else None
     rows = robustness_curves(models, fractions, methods, lambda m: evaluate_accuracy(m, test_loader),
-                             input_size=datamodule.input_size, seed=cfg.seed, on_row=log_row)
+                             input_size=datamodule.input_size, seed=cfg.seed, on_row=log_row,
+                             surgery=surgery, calib_x=calib_x)
     write_csv(run_dir / "robustness.csv", rows)
     plot_robustness(run_dir / "robustness.png", rows,
                     f"filters removed from every prunable conv, no fine-tuning ({datamodule.name} test)")
@@ -139,8 +162,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                         for label, path in checkpoints.items()},
         "methods": methods,
         "fractions": fractions,
-        "what": "the fraction of output filters removed from every prunable conv (all spatial convs but the "
-                "first), no fine-tuning; '-removal' = plain removal, else the selector with compensation",
+        "surgery": surgery,
+        "what": ("the fraction of output filters removed from every prunable conv (all spatial convs but the "
+                 "first)" if surgery == "adapters" else "the fraction of every channel group's channels removed "
+                 "structurally") + ", no fine-tuning; '-removal' = plain removal, else the selector with compensation",
         "test_acc": {f"{r['checkpoint']}/{r['method']}/{r['fraction']:g}": r["test_acc"] for r in rows},
         "outputs": {"csv": str(run_dir / "robustness.csv"), "plot": str(run_dir / "robustness.png")},
     }

@@ -16,7 +16,8 @@ from hbgs.errors import HbgsError
 log = logging.getLogger("hbgs")
 
 
-def flat_scalars(data: dict, prefix: str = "", skip=("widths", "sensitivity", "model")):
+def flat_scalars(data: dict, prefix: str = "", skip=("widths", "sensitivity", "model", "batchnorms_folded",
+                                                     "batchnorms_kept")):
     """(dotted key, value) for the numbers and strings of a nested summary, for the console."""
     for key, value in data.items():
         if key in skip:

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from hbgs.accounting import count_macs, count_params, measure_latency
+from hbgs.accounting import count_macs, count_params, measure_latencies
 from hbgs.bridgeout import regularizer_callbacks
 from hbgs.checkpoint import load_meta, load_model, save_model
 from hbgs.errors import HbgsError
@@ -88,8 +88,10 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     logger = build_logger(cfg.logger, run_dir, "eval", OmegaConf.to_container(cfg, resolve=True))
     if logger:
         logger.log_metrics({"test/acc": accuracy})
-    latency = [measure_latency(model, b, datamodule.input_size, threads=cfg.latency.threads, repeats=cfg.latency.repeats)
-               for b in cfg.latency.batch_sizes]
+    timed = measure_latencies({"model": model}, list(cfg.latency.batch_sizes), datamodule.input_size,
+                              threads=cfg.latency.threads, repeats=cfg.latency.repeats)
+    latency = [{"batch_size": b, "latency_ms": timed["median_ms"]["model"][str(b)], "threads": timed["threads"],
+                "device": timed["device"], "repeats": timed["repeats"]} for b in timed["batch_sizes"]]
     return {
         "stage": "eval",
         "checkpoint": str(Path(cfg.ckpt).resolve()),

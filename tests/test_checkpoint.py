@@ -81,7 +81,7 @@ def test_missing_file_says_how_to_get_one(tmp_path):
 
 def test_files_of_other_formats_are_rejected(tmp_path):
     torch.save({"state_dict": resnet20().state_dict()}, tmp_path / "weights.pt")
-    with pytest.raises(CheckpointError, match="expected format 'hbgs-model/1', found None"):
+    with pytest.raises(CheckpointError, match="expected format 'hbgs-model/2', found None"):
         load_model(tmp_path / "weights.pt")
     torch.save(resnet20(), tmp_path / "module.pt")  # a pickled module is not our format either
     with pytest.raises(CheckpointError, match="module.pt is not an hbgs model file"):

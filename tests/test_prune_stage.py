@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hbgs.accounting import count_macs, count_params
-from hbgs.checkpoint import load_model, save_model
+from hbgs.checkpoint import load_meta, load_model, save_model
 from hbgs.finetune import finetune
 from hbgs.models import resnet20
 from hbgs.pruning import wrap_model
@@ -91,6 +91,18 @@ def test_uniform_fraction_prunes_every_layer_by_half(tmp_path, checkpoint):
     assert_costs_match_saved_model(tmp_path, summary)
     # Hand count: 3×3 convs at half width on both sides, adapters restore the widths.
     assert summary["cost"]["pruned"]["params"] == 100_282
+    # The exported model beside it computes the same function, and all three were timed together.
+    pruned, exported = load_model(tmp_path / "model.pt"), load_model(tmp_path / "model_exported.pt")
+    x = torch.randn(4, 3, 32, 32)
+    assert (exported(x) - pruned(x)).abs().max() <= 1e-4 * pruned(x).abs().max()
+    assert load_meta(tmp_path / "model_exported.pt")["exported"] is True
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in exported.modules())
+    assert summary["cost"]["exported"]["params"] == sum(p.numel() for p in exported.parameters())
+    latency = summary["latency_cpu"]
+    assert latency["threads"] == 1 and latency["batch_sizes"] == [1, 64]
+    assert set(latency["median_ms"]) == {"dense", "pruned", "exported"}
+    assert set(latency["speedup_vs_dense"]["exported"]) == {"1", "64"}
+    assert len(summary["export"]["batchnorms_folded"]) == 19
 
 
 def test_uniform_meets_flops_target_within_tolerance(tmp_path, checkpoint):

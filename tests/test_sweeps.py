@@ -92,7 +92,10 @@ def test_multirun_of_prune_jobs_ends_with_a_table(tmp_path, trained_run):
         assert float(row["params_reduction"]) >= 30
     assert rows[0]["paper_acc"] == "88.5" and rows[1]["paper_acc"] == ""
     table = (tmp_path / "table.md").read_text()
-    assert "| fp_backward | uniform + backward | resnet20 | -30% params |" in table and "88.5 (90.0)" in table
+    assert "| fp_backward | uniform + backward | adapters | resnet20 | -30% params |" in table and "88.5 (90.0)" in table
+    for row in rows:  # the exported model's speed-up, as the summary measured it
+        summary = summaries[row["method"]]
+        assert float(row["speedup_b64"]) == pytest.approx(summary["latency_cpu"]["speedup_vs_dense"]["exported"]["64"])
     assert "MACs of conv+linear" in table and "JPEG" in table
     # the same table from the command line, elsewhere
     collect_main([str(tmp_path), "--out", str(tmp_path / "again")])

@@ -22,11 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from hbgs.errors import HbgsError
-from hbgs.pruning.adapters import AdaptedConv, LayerWidths, channel_widths, replace_module
+from hbgs.pruning.adapters import (AdaptedConv, LayerWidths, channel_widths, replace_module,
+                                   wrapped_layers)
 from hbgs.pruning.compensation import SIDES, propose, pruned, uncompensated
 from hbgs.pruning.costs import (NetworkCost, ReferenceCosts, check_not_met, parse_target,
                                 saved_cost)
-from hbgs.pruning.hierarchical import check_choice, drop_identity_adapters
+from hbgs.pruning.hierarchical import SURGERIES, check_choice, drop_identity_adapters
+from hbgs.pruning.removal import remove_by_ratios
+from hbgs.pruning.surgery import ChannelGroup, ChannelSurgery
 from hbgs.pruning.selectors import METHODS
 from hbgs.pruning.suffix import FullNetworkEvaluator, SuffixCache, WorkStats
 
@@ -85,15 +88,6 @@ def prune_uniform_fraction(model: nn.Module, fraction: float, method: str, *,
     of ``model`` (output side, then input side), in place; return the widths."""
     return prune_layers(model, dict.fromkeys(wrapped_layers(model), fraction), method,
                         min_channels=min_channels, seed=seed)
-
-
-def wrapped_layers(model: nn.Module) -> list[str]:
-    """Names of the wrapped convs of ``model``; HbgsError when there are none."""
-    names = [name for name, m in model.named_modules() if isinstance(m, AdaptedConv) and name]
-    if not names:
-        raise HbgsError(f"{type(model).__name__} has no wrapped layers: call "
-                        "hbgs.pruning.wrap_model(model) first")
-    return names
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -163,14 +157,16 @@ def uniform_allocation(model: nn.Module, original: nn.Module, *, target_params: 
                        target_flops: float | None = None, method: str = "backward",
                        tolerance: float = 0.5, min_channels: int = 1,
                        input_size: Sequence[int] = (3, 32, 32), seed: int = 0,
-                       resolution: float = 1e-4) -> UniformAllocation:
+                       resolution: float = 1e-4, surgery: str = "adapters",
+                       calib_x: torch.Tensor | None = None) -> UniformAllocation:
     """ACRA uniform: the smallest ratio ``r`` (to ``resolution``) whose pruned network meets the
     target, by bisection on ``r ∈ [0, 1]``; stops early once the reduction lies within
     ``tolerance`` % points above the target. ``model`` (wrapped) is not changed: the result
-    holds a pruned copy."""
+    holds a pruned copy. ``surgery="remove"``: ``model`` unwrapped, the ratio applies to every
+    channel group, compensated on ``calib_x`` (required)."""
     search = _Search(model, original, method, min_channels, seed, input_size, target_params,
-                     target_flops, tolerance)
-    layers = wrapped_layers(model)
+                     target_flops, tolerance, surgery, calib_x)
+    layers = search.layers
     # r = 0 (no pruning) falls short: _Search checked that the model does not meet the target.
     ratio = search.bisect(lambda r: dict.fromkeys(layers, r), 0.0, 1.0, resolution)
     return UniformAllocation(**search.result(), ratio=ratio)
@@ -207,26 +203,59 @@ def layer_sensitivity(model: nn.Module, calib_x: torch.Tensor, calib_y: torch.Te
     return SensitivityTable(measure, base, tuple(ratios), drops)
 
 
+def group_sensitivity(model: nn.Module, calib_x: torch.Tensor, calib_y: torch.Tensor,
+                      groups: Sequence[ChannelGroup], *, method: str = "backward",
+                      ratios: Sequence[float] = DEFAULT_RATIOS, measure: str = "accuracy",
+                      min_channels: int = 1, seed: int = 0) -> SensitivityTable:
+    """``layer_sensitivity`` for ``surgery="remove"``: each channel group's drop in calibration
+    ``measure`` when only it loses each ratio of its channels (compensated); whole-network
+    forwards. ``model`` is not changed."""
+    score = _accuracy if measure == "accuracy" else _loss
+
+    def measured(net):
+        with torch.no_grad():
+            net.eval()
+            return score([(slice(None), net(calib_x))], calib_y)
+
+    base = measured(copy.deepcopy(model))
+    sign = 1.0 if measure == "accuracy" else -1.0
+    drops = {}
+    for group in groups:
+        drops[group.root] = []
+        for r in ratios:
+            candidate = copy.deepcopy(model)
+            remove_by_ratios(candidate, {group.root: r}, [group], method, calib_x,
+                             min_channels=min_channels, seed=seed)
+            drops[group.root].append(sign * (base - measured(candidate)))
+    return SensitivityTable(measure, base, tuple(ratios), drops)
+
+
 def sensitivity_allocation(model: nn.Module, original: nn.Module, calib_x: torch.Tensor,
                            calib_y: torch.Tensor, *, target_params: float | None = None,
                            target_flops: float | None = None, method: str = "backward",
                            ratios: Sequence[float] = DEFAULT_RATIOS, measure: str = "accuracy",
                            tolerance: float = 0.5, min_channels: int = 1,
                            input_size: Sequence[int] = (3, 32, 32), seed: int = 0,
-                           use_cache: bool = True, chunk_size: int | None = None
-                           ) -> SensitivityAllocation:
+                           use_cache: bool = True, chunk_size: int | None = None,
+                           surgery: str = "adapters") -> SensitivityAllocation:
     """ACRA sensitivity: measure ``layer_sensitivity`` (on the calibration batch, never the
     test split), then the smallest threshold ``t`` (among the measured drops, by bisection)
     whose allocation ``table.allocation(t)`` meets the target. ``model`` (wrapped) is not
-    changed: the result holds a pruned copy, the ratios and the table."""
+    changed: the result holds a pruned copy, the ratios and the table. ``surgery="remove"``:
+    ``model`` unwrapped, one sensitivity row per channel group (``group_sensitivity``)."""
     _check_ratios(ratios)
     check_choice("measure", measure, MEASURES)
     search = _Search(model, original, method, min_channels, seed, input_size, target_params,
-                     target_flops, tolerance)
-    search.require(dict.fromkeys(wrapped_layers(model), max(ratios)))  # before measuring
-    table = layer_sensitivity(model, calib_x, calib_y, method=method, ratios=ratios,
-                              measure=measure, min_channels=min_channels, seed=seed,
-                              use_cache=use_cache, chunk_size=chunk_size)
+                     target_flops, tolerance, surgery, calib_x)
+    search.require(dict.fromkeys(search.layers, max(ratios)))  # before measuring
+    if surgery == "remove":
+        table = group_sensitivity(model, calib_x, calib_y, search.groups, method=method,
+                                  ratios=ratios, measure=measure, min_channels=min_channels,
+                                  seed=seed)
+    else:
+        table = layer_sensitivity(model, calib_x, calib_y, method=method, ratios=ratios,
+                                  measure=measure, min_channels=min_channels, seed=seed,
+                                  use_cache=use_cache, chunk_size=chunk_size)
     thresholds = sorted({d for drops in table.drops.values() for d in drops})
     # Index −1 stands for "prune nothing", which falls short (checked by _Search).
     index = search.bisect(lambda i: table.allocation(thresholds[i]), -1, len(thresholds) - 1)
@@ -235,17 +264,27 @@ def sensitivity_allocation(model: nn.Module, original: nn.Module, calib_x: torch
 
 class _Search:
     """Bisection on a knob whose allocation's reduction grows with it; remembers the best
-    network meeting the target and the nearest reduction below it."""
+    network meeting the target and the nearest reduction below it. The allocation maps wrapped
+    layers (``surgery="adapters"``) or channel-group roots (``"remove"``) to ratios."""
 
     def __init__(self, model, original, method, min_channels, seed, input_size, target_params,
-                 target_flops, tolerance):
+                 target_flops, tolerance, surgery="adapters", calib_x=None):
         check_choice("method", method, METHODS)
+        check_choice("surgery", surgery, SURGERIES)
         if not tolerance >= 0:
             raise HbgsError(f"tolerance must be ≥ 0 % points, got {tolerance!r}")
         self.model, self.method, self.min_channels, self.seed = model, method, min_channels, seed
         self.metric, self.target = parse_target(target_params, target_flops)
-        self.tolerance = tolerance
-        wrapped_layers(model)
+        self.tolerance, self.surgery, self.calib_x = tolerance, surgery, calib_x
+        if surgery == "remove":
+            if calib_x is None:
+                raise HbgsError("surgery='remove' compensates on calibration images: pass calib_x")
+            self.groups = ChannelSurgery(model, calib_x[:1]).groups()
+            if not self.groups:
+                raise HbgsError(f"{type(model).__name__} has no channel group that can be removed")
+            self.layers = [g.root for g in self.groups]
+        else:
+            self.layers = wrapped_layers(model)
         self.reference = ReferenceCosts.measure(original, input_size)
         current = saved_cost(model, self.reference)
         check_not_met(current, self.metric, self.target)
@@ -283,8 +322,12 @@ class _Search:
 
     def _meets(self, ratios: dict[str, float]) -> bool:
         candidate = copy.deepcopy(self.model)
-        prune_layers(candidate, ratios, self.method, min_channels=self.min_channels,
-                     seed=self.seed)
+        if self.surgery == "remove":
+            remove_by_ratios(candidate, ratios, self.groups, self.method, self.calib_x,
+                             min_channels=self.min_channels, seed=self.seed)
+        else:
+            prune_layers(candidate, ratios, self.method, min_channels=self.min_channels,
+                         seed=self.seed)
         cost = saved_cost(candidate, self.reference)
         self.evaluations += 1
         reduction = cost.reduction(self.metric)

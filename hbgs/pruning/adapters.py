@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hbgs.errors import HbgsError
+
 
 class AdaptedConv(nn.Module):
     """``in_adapter → conv → out_adapter``; either adapter may be ``None`` (absent).
@@ -116,6 +118,21 @@ def wrap_model(model: nn.Module) -> list[str]:
         if name not in wrapped and name and is_prunable(conv):
             model.set_submodule(name, AdaptedConv.wrap(conv))
     return [name for name, m in model.named_modules() if isinstance(m, AdaptedConv)]
+
+
+def wrapped_layers(model: nn.Module) -> list[str]:
+    """Names of the wrapped convs of ``model``; HbgsError saying why when there are none."""
+    names = [name for name, m in model.named_modules() if isinstance(m, AdaptedConv) and name]
+    if names:
+        return names
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if any(is_prunable(conv) for conv in convs[1:]):
+        raise HbgsError(f"{type(model).__name__} has no wrapped layers: call "
+                        "hbgs.pruning.wrap_model(model) first")
+    raise HbgsError(f"{type(model).__name__} has no layer the adapters can prune: they wrap convs "
+                    "with a spatial kernel and at least two channels per group, except the first, "
+                    "and it has none; its 1×1 convs, depthwise convs and Linear layers are "
+                    "prunable with surgery='remove' (channels removed for real)")
 
 
 def with_identity_adapters(model: nn.Module) -> nn.Module:

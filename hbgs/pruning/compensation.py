@@ -69,7 +69,7 @@ def propose(layer: AdaptedConv | nn.Conv2d, side: str, n_remove: int, method: st
     keep_per_group = (width - n_remove) // groups
     selections = [select_filters(F, keep_per_group, method, seed=seed + j)
                   for j, F in enumerate(filter_matrices(conv, side))]
-    return _combine(selections, width // groups)
+    return combine(selections, width // groups)
 
 
 def pruned(layer: AdaptedConv, side: str, selection: Selection) -> AdaptedConv:
@@ -131,7 +131,7 @@ def prune_conv(model: nn.Module, name: str, side: str, n_remove: int, method: st
     return selection
 
 
-def _combine(selections: list[Selection], group_width: int) -> Selection:
+def combine(selections: list[Selection], group_width: int) -> Selection:
     """One Selection over all channels from per-group Selections (block-diagonal ``coef``)."""
     if len(selections) == 1:
         return selections[0]

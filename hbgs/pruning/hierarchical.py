@@ -34,7 +34,7 @@ from torch import nn
 
 from hbgs.accounting import count_macs, count_params
 from hbgs.errors import HbgsError
-from hbgs.pruning.adapters import AdaptedConv, replace_module
+from hbgs.pruning.adapters import AdaptedConv, replace_module, wrapped_layers
 from hbgs.pruning.compensation import SIDES, apply, propose, pruned
 from hbgs.pruning.costs import (NetworkCost, ReferenceCosts, check_not_met, parse_target,
                                 saved_cost)
@@ -44,6 +44,7 @@ from hbgs.pruning.suffix import (COMPUTE_OPS, FullNetworkEvaluator, ModuleSnapsh
                                  last_batchnorm, trace)
 
 CRITERIA = ("hbgs", "hbgts")
+SURGERIES = ("adapters", "remove")
 SIGNALS = ("features", "logits", "loss")
 
 
@@ -234,11 +235,7 @@ class HierarchicalPruner:
                 calib_y is None or len(calib_y) != len(calib_x)):
             raise HbgsError("signal='loss' needs calib_y, one label per calibration input")
         chunk_slices(len(calib_x), chunk_size)  # validates chunk_size
-        self.layers = [name for name, m in model.named_modules()
-                       if isinstance(m, AdaptedConv) and name]
-        if not self.layers:
-            raise HbgsError(f"{type(model).__name__} has no wrapped layers: call "
-                            "hbgs.pruning.wrap_model(model) before pruning")
+        self.layers = wrapped_layers(model)
         self.model, self.original = model, original
         self.calib_x, self.calib_y = calib_x, calib_y
         self.criterion, self.method, self.min_channels = criterion, method, min_channels
@@ -260,20 +257,7 @@ class HierarchicalPruner:
         candidate is left. After each round every callback gets ``(record, model)``: an object's
         ``on_round_end`` method, or the callable itself."""
         metric, target = self.check_target(target_params, target_flops)
-        callbacks = list(callbacks)
-        records = []
-        while max_rounds is None or len(records) < max_rounds:
-            record = self.run_round(metric, target)
-            if record is None:
-                warnings.warn(f"no candidate left after {len(records)} rounds and the target "
-                              f"{metric} reduction {target:g}% is not met", stacklevel=2)
-                break
-            records.append(record)
-            for callback in callbacks:
-                getattr(callback, "on_round_end", callback)(record, self.model)
-            if record.target_met:
-                break
-        return records
+        return run_rounds(self, metric, target, callbacks, max_rounds)
 
     def check_target(self, target_params, target_flops) -> tuple[str, float]:
         """``(metric, target)`` after checking the target against the network; HbgsError if it
@@ -363,13 +347,13 @@ class HierarchicalPruner:
             pairs = [(module(x), y) for (_, x), y in
                      zip(self._evaluator.layer_inputs(name), self._original_outputs[name])]
             self.stats.layer_forwards += 1
-            return _relative_error(pairs)
+            return relative_error(pairs)
         values = self._evaluator.end_values(name, module)
         if self.signal == "loss":
             total = sum(F.cross_entropy(v.double(), self.calib_y[s], reduction="sum").item()
                         for s, v in values)
             return total / len(self.calib_x)
-        return _relative_error([(v, ref) for (_, v), ref in zip(values, self._original_signal)])
+        return relative_error([(v, ref) for (_, v), ref in zip(values, self._original_signal)])
 
     def _bring_up_to_date(self) -> None:
         """Build the evaluator on the first call; later, refresh what the network's changes
@@ -417,6 +401,26 @@ class HierarchicalPruner:
         return layer
 
 
+def run_rounds(pruner, metric: str, target: float, callbacks: Iterable = (),
+               max_rounds: int | None = None) -> list[RoundRecord]:
+    """``pruner.run_round`` until the target is met, ``max_rounds`` ran or no candidate is left;
+    every callback gets ``(record, pruner.model)`` after each round."""
+    callbacks = list(callbacks)
+    records = []
+    while max_rounds is None or len(records) < max_rounds:
+        record = pruner.run_round(metric, target)
+        if record is None:
+            warnings.warn(f"no candidate left after {len(records)} rounds and the target "
+                          f"{metric} reduction {target:g}% is not met", stacklevel=3)
+            break
+        records.append(record)
+        for callback in callbacks:
+            getattr(callback, "on_round_end", callback)(record, pruner.model)
+        if record.target_met:
+            break
+    return records
+
+
 def hierarchical_prune(model: nn.Module, original: nn.Module, calib_x: torch.Tensor,
                        calib_y: torch.Tensor | None, *, criterion: str = "hbgts",
                        signal: str = "features", method: str = "backward",
@@ -424,8 +428,8 @@ def hierarchical_prune(model: nn.Module, original: nn.Module, calib_x: torch.Ten
                        target_params: float | None = None, target_flops: float | None = None,
                        input_size: Sequence[int] = (3, 32, 32), seed: int = 0,
                        use_cache: bool = True, chunk_size: int | None = None,
-                       callbacks: Iterable = (), max_rounds: int | None = None
-                       ) -> list[RoundRecord]:
+                       callbacks: Iterable = (), max_rounds: int | None = None,
+                       surgery: str = "adapters") -> list[RoundRecord]:
     """Prune the wrapped ``model`` in place, one (layer, side) step per round, until it has
     ``target_params`` or ``target_flops`` % fewer than ``original`` (exactly one target).
 
@@ -436,7 +440,21 @@ def hierarchical_prune(model: nn.Module, original: nn.Module, calib_x: torch.Ten
     ``(record, model)`` after every round (fine-tune there). Returns one record per round; the
     last one meets the target unless ``max_rounds`` stopped the run first. Bad arguments raise
     ``HbgsError`` before anything changes.
+
+    ``surgery``: ``adapters`` (the paper's: ``model`` wrapped, widths kept by 1×1 adapters) or
+    ``remove`` (``model`` unwrapped; channel groups removed for real, ``removal.RemovalPruner``;
+    ``use_cache`` does not apply).
     """
+    check_choice("surgery", surgery, SURGERIES)
+    if surgery == "remove":
+        from hbgs.pruning.removal import RemovalPruner
+
+        pruner = RemovalPruner(model, original, calib_x, calib_y, criterion=criterion,
+                               signal=signal, method=method, step=step,
+                               min_channels=min_channels, input_size=input_size, seed=seed,
+                               chunk_size=chunk_size)
+        return pruner.run(target_params=target_params, target_flops=target_flops,
+                          callbacks=callbacks, max_rounds=max_rounds)
     pruner = HierarchicalPruner(model, original, calib_x, calib_y, criterion=criterion,
                                 signal=signal, method=method, step=step,
                                 min_channels=min_channels, input_size=input_size, seed=seed,
@@ -445,7 +463,7 @@ def hierarchical_prune(model: nn.Module, original: nn.Module, calib_x: torch.Ten
                       callbacks=callbacks, max_rounds=max_rounds)
 
 
-def _relative_error(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+def relative_error(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """``||A − B|| / ||B||`` over all pairs (chunks) together, accumulated in float64."""
     error = norm = 0.0
     for a, b in pairs:
