@@ -46,8 +46,11 @@ def count_macs(model: nn.Module, input_size=(3, 32, 32)) -> int:
 def measure_latencies(models: Mapping[str, nn.Module], batch_sizes: Sequence[int] = (1, 64),
                       input_size: Sequence[int] = (3, 32, 32), threads: int | None = None,
                       warmup: int = 3, repeats: int = 20, seed: int = 0,
-                      input_memory_format: torch.memory_format = torch.contiguous_format) -> dict:
-    """Median CPU wall time of one forward pass of each model, in milliseconds, measured together.
+                      input_memory_format: torch.memory_format = torch.contiguous_format,
+                      device: str = "cpu") -> dict:
+    """Median wall time of one forward pass of each model, in milliseconds, measured together
+    (on the CPU, or with ``device="cuda"`` on the GPU: copies of the models, timed with the
+    device synchronised around each pass; ``threads`` then only affects the host).
 
     Comparisons between models measured in separate runs pick up whatever else the machine did
     meanwhile; here every repeat runs each model once, in turn (the order rotating from repeat
@@ -71,7 +74,7 @@ def measure_latencies(models: Mapping[str, nn.Module], batch_sizes: Sequence[int
     if threads is not None:
         torch.set_num_threads(threads)
     used_threads = torch.get_num_threads()
-    on_cpu = {name: _cpu_view(model) for name, model in models.items()}
+    on_cpu = {name: _device_view(model, device) for name, model in models.items()}
     modes = [(m, m.training) for model in on_cpu.values() for m in model.modules()]
     generator = torch.Generator().manual_seed(seed)
     median_ms: dict[str, dict[str, float]] = {name: {} for name in models}
@@ -82,15 +85,15 @@ def measure_latencies(models: Mapping[str, nn.Module], batch_sizes: Sequence[int
             for batch in batch_sizes:
                 x = torch.randn(batch, *input_size, generator=generator,
                                 dtype=_dtype_of(next(iter(on_cpu.values()))))
-                x = x.contiguous(memory_format=input_memory_format)
-                times = _interleaved_times(on_cpu, x, warmup, repeats)
+                x = x.contiguous(memory_format=input_memory_format).to(device)
+                times = _interleaved_times(on_cpu, x, warmup, repeats, _synchronizer(device))
                 for name, samples in times.items():
                     median_ms[name][str(batch)] = 1000 * statistics.median(samples)
     finally:
         for module, training in modes:
             module.training = training
         torch.set_num_threads(previous_threads)
-    return {"device": "cpu", "threads": used_threads, "input_size": list(input_size),
+    return {"device": device, "threads": used_threads, "input_size": list(input_size),
             "warmup": warmup, "repeats": repeats, "batch_sizes": [int(b) for b in batch_sizes],
             "torch": torch.__version__, "median_ms": median_ms}
 
@@ -104,7 +107,7 @@ def speedups(latency: dict, reference: str) -> dict[str, dict[str, float]]:
 
 
 def _interleaved_times(models: Mapping[str, nn.Module], x: torch.Tensor, warmup: int,
-                       repeats: int) -> dict[str, list[float]]:
+                       repeats: int, synchronize) -> dict[str, list[float]]:
     names = list(models)
     for _ in range(warmup):
         for name in names:
@@ -112,18 +115,26 @@ def _interleaved_times(models: Mapping[str, nn.Module], x: torch.Tensor, warmup:
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
+            synchronize()
             start = time.perf_counter()
             models[name](x)
+            synchronize()  # a GPU runs asynchronously: wait for the pass to finish
             times[name].append(time.perf_counter() - start)
     return times
 
 
-def _cpu_view(model: nn.Module) -> nn.Module:
-    """``model`` itself when all its tensors are on the CPU, else a CPU copy."""
+def _synchronizer(device: str):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def _device_view(model: nn.Module, device: str) -> nn.Module:
+    """``model`` itself when all its tensors are on ``device`` already, else a copy there."""
     tensors = [*model.parameters(), *model.buffers()]
-    if all(t.device.type == "cpu" for t in tensors):
+    if all(t.device.type == torch.device(device).type for t in tensors):
         return model
-    return copy.deepcopy(model).to("cpu")
+    return copy.deepcopy(model).to(device)
 
 
 def _dtype_of(model: nn.Module) -> torch.dtype:

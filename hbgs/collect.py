@@ -24,7 +24,9 @@ from hbgs.reporting import write_csv
 METHOD_NAMES = {("hbgs", "omp"): "hbgs", ("hbgs", "backward"): "hbgs_b", ("hbgts", "omp"): "hbgts",
                 ("hbgts", "backward"): "hbgts_b", ("uniform", "backward"): "fp_backward",
                 ("uniform", "omp"): "fp_omp", ("uniform", "random"): "random", ("uniform", "l1"): "l1",
-                ("sensitivity", "backward"): "sensitivity"}
+                ("sensitivity", "backward"): "sensitivity",
+                # the Torch-Pruning peers (hbgs.pruning.peers): their "selector" is the importance
+                ("tp_l1", "tp-l1"): "tp_l1", ("tp_group_norm", "tp-group-norm"): "tp_group_norm"}
 COLUMNS = ["method", "criterion", "selector", "surgery", "model", "target", "params_reduction",
            "flops_reduction", "dense_acc", "acc_before_finetune", "acc_after_finetune", "paper_acc",
            "paper_dense", "speedup_b64", "finetune_steps", "prune_minutes", "finetune_minutes", "run_dir"]

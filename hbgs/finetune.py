@@ -11,6 +11,7 @@ import logging
 from contextlib import contextmanager
 
 import lightning as L
+import torch
 import torch.nn as nn
 
 from hbgs.module import Classifier
@@ -40,6 +41,39 @@ def finetune(model: nn.Module, datamodule, teacher: nn.Module | None, cfg, *, st
         trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
     model.eval()
     return trainer.global_step
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, chunk_size: int = 256) -> int:
+    """Re-estimate every BatchNorm's running mean and variance on ``images`` (their plain
+    average over all chunks), in place; weights and every other buffer stay as they were. As in
+    training, each BatchNorm normalises a chunk with that chunk's own statistics meanwhile.
+    Cheap recovery after a pruning step: the compensated layers' outputs have moved, and the
+    statistics the following BatchNorms normalise with are stale. Returns the number of
+    BatchNorms recalibrated."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    if not norms:
+        return 0
+    modes = [(m, m.training) for m in model.modules()]
+    momenta = [(m, m.momentum) for m in norms]
+    counts = [(m, m.num_batches_tracked.clone()) for m in norms]
+    model.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the chunks
+        norm.train()  # only the BatchNorms update statistics; dropout and the rest stay in eval
+    try:
+        for start in range(0, len(images), chunk_size):
+            model(images[start:start + chunk_size])
+    finally:
+        for module, training in modes:
+            module.training = training
+        for norm, momentum in momenta:
+            norm.momentum = momentum
+        for norm, count in counts:
+            norm.num_batches_tracked.copy_(count)
+    return len(norms)
 
 
 @contextmanager

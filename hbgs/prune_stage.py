@@ -21,18 +21,19 @@ from hbgs.bridgeout import regularizer_callbacks
 from hbgs.checkpoint import load_model, load_model_cfg, save_model
 from hbgs.errors import HbgsError
 from hbgs.export import export
-from hbgs.finetune import finetune
+from hbgs.finetune import finetune, recalibrate_batchnorm
 from hbgs.loggers import build_logger
 from hbgs.module import evaluate_accuracy
 from hbgs.pruning import channel_widths, fold_identity_adapters, wrap_model
 from hbgs.pruning.acra import prune_uniform_fraction, sensitivity_allocation, uniform_allocation
 from hbgs.pruning.costs import ReferenceCosts, saved_cost
 from hbgs.pruning.hierarchical import SURGERIES, hierarchical_prune
+from hbgs.pruning.peers import PEER_CRITERIA, require_torch_pruning, selector_name, torch_pruning_allocation
 from hbgs.pruning.removal import remove_by_ratios
 from hbgs.pruning.surgery import ChannelSurgery, layer_widths
 from hbgs.reporting import LoggerRoundCallback, plot_accuracy_vs_flops, plot_widths, write_csv
 
-CRITERIA = ("hbgs", "hbgts", "uniform", "sensitivity", "uniform_fraction")
+CRITERIA = ("hbgs", "hbgts", "uniform", "sensitivity", "uniform_fraction", *PEER_CRITERIA)
 
 
 def load_trained(cfg: DictConfig) -> tuple[torch.nn.Module, dict]:
@@ -115,6 +116,9 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
     if surgery not in SURGERIES:
         raise HbgsError(f"surgery={surgery!r}: use surgery=adapters (the paper's 1×1 adapters) or "
                         "surgery=remove (channels removed for real, a faster network)")
+    if crit in PEER_CRITERIA:  # Torch-Pruning's own pruner (hbgs.pruning.peers), checked before anything loads;
+        require_torch_pruning(f"criterion={crit}")  # it always removes channels: surgery= does not apply
+        surgery = "remove"
     original, model_cfg = load_trained(cfg)
     datamodule = instantiate(cfg.dataset)
     datamodule.setup()
@@ -125,7 +129,8 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
     original.eval().requires_grad_(False)  # the reference and teacher: never trained
     if surgery == "adapters":
         wrap_model(model)
-    method, seed = cfg.selector.method, cfg.seed
+    method = selector_name(cfg.criterion.importance) if crit in PEER_CRITERIA else cfg.selector.method
+    seed = cfg.seed
     metric = "params" if target_params is not None else "flops"
     logger = build_logger(cfg.logger, run_dir, f"prune-{crit}-{method}", OmegaConf.to_container(cfg, resolve=True))
     reporter = RoundReporter(calib_loader, [logger], target_params or target_flops or 0.0, metric,
@@ -133,6 +138,10 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
     short_finetune = ShortFinetune(cfg.finetune, datamodule, original, cfg.trainer, run_dir,
                                    regularizer_callbacks(cfg.regularizer))
     details: dict = {}
+    recalibration = []  # BatchNorm statistics re-estimated after every round
+    if cfg.finetune.get("bn_recalibrate", 0):
+        recal_x = datamodule.calibration_batch(cfg.finetune.bn_recalibrate)[0]
+        recalibration = [lambda record, net: recalibrate_batchnorm(net, recal_x)]
 
     dense_test = evaluate_accuracy(original, test_loader)
     dense_calib = evaluate_accuracy(original, calib_loader)
@@ -143,8 +152,10 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
             model, original, calib_x, calib_y, criterion=crit, signal=cfg.criterion.get("signal", "features"),
             method=method, step=cfg.criterion.step, min_channels=cfg.criterion.min_channels,
             target_params=target_params, target_flops=target_flops, input_size=input_size, seed=seed,
-            callbacks=[short_finetune, reporter], surgery=surgery)
+            callbacks=[*recalibration, short_finetune, reporter], surgery=surgery,
+            score=cfg.criterion.get("score", "error"))
         details = {"rounds": len(records), "signal": cfg.criterion.get("signal") if crit == "hbgts" else None,
+                   "score": cfg.criterion.get("score", "error"),
                    "step": cfg.criterion.step, "calib_batch": len(calib_y),
                    "propose_seconds": sum(r.propose_seconds for r in records),
                    "score_seconds": sum(r.score_seconds for r in records)}
@@ -158,6 +169,12 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
         prune_uniform_fraction(model, cfg.criterion.fraction, method, min_channels=cfg.criterion.get("min_channels", 1),
                                seed=seed)
         details = {"fraction": cfg.criterion.fraction}
+    elif crit in PEER_CRITERIA:  # one MetaPruner step at the smallest ratio meeting the target
+        allocation = torch_pruning_allocation(
+            model, original, importance=cfg.criterion.importance, global_pruning=cfg.criterion.get("global_pruning"),
+            target_params=target_params, target_flops=target_flops, tolerance=cfg.criterion.tolerance,
+            input_size=input_size, example_input=datamodule.calibration_batch(1)[0])
+        model, details = allocation.model, allocation.details()
     else:
         common = dict(target_params=target_params, target_flops=target_flops, method=method,
                       tolerance=cfg.criterion.tolerance, min_channels=cfg.criterion.get("min_channels", 1),
@@ -177,6 +194,9 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
         model = allocation.model
         details.update(target=allocation.target, tolerance_points=allocation.tolerance,
                        within_tolerance=allocation.within_tolerance, evaluations=allocation.evaluations)
+    if recalibration and crit not in ("hbgs", "hbgts"):  # one-shot criteria: once, after pruning
+        recalibrate_batchnorm(model, recal_x)
+    details["bn_recalibrate_images"] = len(recal_x) if recalibration else 0
     prune_seconds = time.perf_counter() - start
     reporter.close()
     widths = ({name: vars(w) for name, w in channel_widths(model).items()} if surgery == "adapters"
@@ -259,7 +279,12 @@ def export_for_inference(model: torch.nn.Module, datamodule, latency_cfg: DictCo
 def latency_block(original, pruned, exported, input_size, latency_cfg: DictConfig) -> dict:
     """CPU latency of the dense, pruned and exported models, measured together (interleaved
     repeats, one process, the threads stated), with the speed-ups against the dense model."""
-    latency = measure_latencies({"dense": original, "pruned": pruned, "exported": exported},
-                                batch_sizes=list(latency_cfg.batch_sizes), input_size=tuple(input_size),
+    models = {"dense": original, "pruned": pruned, "exported": exported}
+    latency = measure_latencies(models, batch_sizes=list(latency_cfg.batch_sizes), input_size=tuple(input_size),
                                 threads=latency_cfg.threads, repeats=latency_cfg.repeats)
-    return latency | {"speedup_vs_dense": speedups(latency, "dense")}
+    latency |= {"speedup_vs_dense": speedups(latency, "dense")}
+    if torch.cuda.is_available():  # the same models on the GPU (the exported one keeps its CPU-chosen form)
+        cuda = measure_latencies(models, batch_sizes=list(latency_cfg.batch_sizes), input_size=tuple(input_size),
+                                 repeats=latency_cfg.repeats, device="cuda")
+        latency["cuda"] = cuda | {"speedup_vs_dense": speedups(cuda, "dense")}
+    return latency

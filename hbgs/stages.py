@@ -78,7 +78,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
-    """Accuracy on the test split, params, FLOPs (MACs) and CPU latency of a saved model."""
+    """Accuracy on the test split, params, FLOPs (MACs) and latency of a saved model (CPU, and
+    GPU when there is one)."""
     if cfg.ckpt is None:
         raise HbgsError("stage=eval needs a model: pass ckpt=<path to model.pt> (stage=train writes one).")
     model = load_model(cfg.ckpt)
@@ -88,10 +89,12 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     logger = build_logger(cfg.logger, run_dir, "eval", OmegaConf.to_container(cfg, resolve=True))
     if logger:
         logger.log_metrics({"test/acc": accuracy})
-    timed = measure_latencies({"model": model}, list(cfg.latency.batch_sizes), datamodule.input_size,
-                              threads=cfg.latency.threads, repeats=cfg.latency.repeats)
-    latency = [{"batch_size": b, "latency_ms": timed["median_ms"]["model"][str(b)], "threads": timed["threads"],
-                "device": timed["device"], "repeats": timed["repeats"]} for b in timed["batch_sizes"]]
+    latency = []
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        timed = measure_latencies({"model": model}, list(cfg.latency.batch_sizes), datamodule.input_size,
+                                  threads=cfg.latency.threads, repeats=cfg.latency.repeats, device=device)
+        latency += [{"batch_size": b, "latency_ms": timed["median_ms"]["model"][str(b)], "threads": timed["threads"],
+                     "device": device, "repeats": timed["repeats"]} for b in timed["batch_sizes"]]
     return {
         "stage": "eval",
         "checkpoint": str(Path(cfg.ckpt).resolve()),

@@ -15,22 +15,21 @@ gets without pruning.
 * ``hbgs uniform FP-Backward``: ACRA uniform (one ratio for every wrapped conv, found by
   bisection for the MACs target), FP-Backward filters, with adapters (identity ones folded):
   what ``stage=prune`` saves as ``model.pt``; exported, its ``model_exported.pt``.
-* ``TP L1, uniform`` and ``TP group L2, global``: Torch-Pruning 1.6 ``MetaPruner`` with
-  ``MagnitudeImportance(p=1)`` at one ratio for every layer, and with
-  ``GroupMagnitudeImportance(p=2)`` ranked across layers, the ratio bisected to the same MACs
-  target; the classifier is not pruned. Torch-Pruning cannot resize the zero-padding of the CIFAR
-  ResNets' option-A shortcuts (``F.pad`` by a fixed count: it prunes the residual stream into a
-  broken network), so the residual streams (the stem conv and each block's second conv) stay
-  at full width and TP prunes the channels inside each block. Skipped when ``torch_pruning``
-  is not importable.
-
 * ``hbgs uniform FP-Backward, surgery=remove``: the same search with channels removed for real
-  (``surgery="remove"``: each block's inner channels; the option-A residual streams stay whole,
-  as for Torch-Pruning below).
+  (``surgery="remove"``).
+* ``TP L1, uniform`` and ``TP group L2, global``: the peers ``method=tp_l1`` and
+  ``method=tp_group_norm`` (``hbgs.pruning.peers``: Torch-Pruning 1.6 ``MetaPruner`` with
+  ``MagnitudeImportance(p=1)`` at one ratio for every layer, and ``GroupMagnitudeImportance(p=2)``
+  ranked across layers), the ratio searched for the same MACs target. Skipped when
+  ``torch_pruning`` is not importable.
+
+On the zoo's CIFAR ResNets, ``surgery=remove`` and the peers prune the same channels: each
+block's inner ones. The residual streams stay whole: the option-A shortcuts zero-pad by a fixed
+count that Torch-Pruning cannot resize.
 
 A new variant is a function ``(dense model, Settings) -> pruned model`` added with
-``@variant("name")``. Timings depend on the
-machine and its load: the load average is printed with the table.
+``@variant("name")``. Timings depend on the machine and its load: the load average is printed
+with the table.
 """
 from __future__ import annotations
 
@@ -47,9 +46,9 @@ from hbgs.accounting import count_macs, count_params, measure_latencies
 from hbgs.checkpoint import load_model
 from hbgs.zoo import zoo_checkpoint
 from hbgs.export import export
-from hbgs.models.resnet_cifar import BasicBlock
 from hbgs.pruning import fold_identity_adapters, wrap_model
 from hbgs.pruning.acra import uniform_allocation
+from hbgs.pruning.peers import torch_pruning_allocation
 
 INPUT_SIZE = (3, 32, 32)
 
@@ -133,52 +132,22 @@ def _torch_pruning():
     return torch_pruning
 
 
-def residual_stream_convs(model: nn.Module) -> list[nn.Module]:
-    """The convs writing a CIFAR ResNet's residual streams: the stem and each block's second."""
-    return [model.conv1] + [m.conv2 for m in model.modules() if isinstance(m, BasicBlock)]
-
-
-def torch_pruning_at_target(dense: nn.Module, settings: Settings, importance, global_pruning: bool,
-                            steps: int = 12) -> nn.Module:
-    """Torch-Pruning's ``MetaPruner`` at the smallest ratio (bisection, ``steps`` halvings of
-    [0, 0.95]) whose model has at least ``settings.target_macs`` % fewer MACs."""
-    tp = _torch_pruning()
-    example = torch.randn(1, *INPUT_SIZE)
-    dense_macs = count_macs(dense, INPUT_SIZE)
-
-    def pruned_at(ratio: float) -> nn.Module:
-        model = copy.deepcopy(dense)
-        ignored = [model.fc, *residual_stream_convs(model)]
-        tp.pruner.MetaPruner(model, example, importance=importance, global_pruning=global_pruning,
-                             pruning_ratio=ratio, ignored_layers=ignored).step()
-        return model.eval()
-
-    low, high = 0.0, 0.95
-    best = pruned_at(high)
-    for _ in range(steps):
-        middle = (low + high) / 2
-        model = pruned_at(middle)
-        if 100 * (1 - count_macs(model, INPUT_SIZE) / dense_macs) >= settings.target_macs:
-            high, best = middle, model
-        else:
-            low = middle
-    return best
-
-
 if _torch_pruning() is not None:
     @variant("TP L1, uniform")
     def tp_l1_uniform(dense: nn.Module, settings: Settings) -> nn.Module:
-        tp = _torch_pruning()
-        return torch_pruning_at_target(dense, settings, tp.importance.MagnitudeImportance(p=1),
-                                       global_pruning=False)
+        """``method=tp_l1``: the layers Torch-Pruning cannot prune consistently are left out."""
+        return torch_pruning_allocation(copy.deepcopy(dense), dense, importance="l1",
+                                        target_flops=settings.target_macs,
+                                        input_size=INPUT_SIZE).model.eval()
 
     exported_row("TP L1, uniform")
 
     @variant("TP group L2, global")
     def tp_group_global(dense: nn.Module, settings: Settings) -> nn.Module:
-        tp = _torch_pruning()
-        return torch_pruning_at_target(dense, settings, tp.importance.GroupMagnitudeImportance(p=2),
-                                       global_pruning=True)
+        """``method=tp_group_norm``."""
+        return torch_pruning_allocation(copy.deepcopy(dense), dense, importance="group_norm",
+                                        target_flops=settings.target_macs,
+                                        input_size=INPUT_SIZE).model.eval()
 
     exported_row("TP group L2, global")
 

@@ -18,6 +18,9 @@ DependencyGraph) and removes channels for real, compensating each consumer by le
     group = surgery.groups()[0]
     selection = surgery.propose(group, n_remove=4, method="backward")
     surgery.remove(group.root, removed_channels(group, selection.keep), calib_x)
+
+Peers: ``torch_pruning_allocation`` runs Torch-Pruning's own pruner (L1 or group-norm importance)
+at the smallest ratio meeting the same targets, returning an ``Allocation`` like ACRA's.
 """
 from hbgs.pruning.adapters import (AdaptedConv, LayerWidths, channel_widths,
                                    fold_identity_adapters, is_prunable, replace_module,
@@ -40,6 +43,7 @@ from hbgs.pruning.acra import (Allocation, SensitivityAllocation, SensitivityTab
                                layer_sensitivity,
                                prune_layers, prune_uniform_fraction, sensitivity_allocation,
                                uniform_allocation)
+from hbgs.pruning.peers import PeerAllocation, ignored_layers, prune_at_ratio, torch_pruning_allocation
 
 __all__ = [
     "AdaptedConv", "LayerWidths", "METHODS", "SIDES", "Selection", "apply", "backward_naive",
@@ -57,4 +61,6 @@ __all__ = [
     # structural surgery
     "ChannelGroup", "ChannelSurgery", "RemovalPruner", "group_sensitivity", "input_grams",
     "layer_widths", "remove_by_ratios", "removed_channels",
+    # Torch-Pruning as a peer method
+    "PeerAllocation", "ignored_layers", "prune_at_ratio", "torch_pruning_allocation",
 ]

@@ -45,6 +45,10 @@ from hbgs.pruning.suffix import (COMPUTE_OPS, FullNetworkEvaluator, ModuleSnapsh
 
 CRITERIA = ("hbgs", "hbgts")
 SURGERIES = ("adapters", "remove")
+# error: the paper's (the error a step causes); error_per_cost: that error's increase over the
+# current network's, per unit of the target metric (params or FLOPs, as a fraction of the
+# original network's) the step saves.
+SCORES = ("error", "error_per_cost")
 SIGNALS = ("features", "logits", "loss")
 
 
@@ -58,6 +62,26 @@ def check_step(step) -> int | float:
         raise HbgsError(f"step must be a number of channels (an integer ≥ 1) or a fraction of the "
                         f"current width in (0, 1), got {step!r}")
     return int(step) if isinstance(step, numbers.Integral) else float(step)
+
+
+def check_loop_arguments(criterion, signal, method, score, step, min_channels, calib_x, calib_y,
+                         chunk_size) -> int | float:
+    """HbgsError for the first bad argument of a pruning loop (either surgery); the checked
+    step."""
+    check_choice("criterion", criterion, CRITERIA)
+    check_choice("signal", signal, SIGNALS)
+    check_choice("method", method, METHODS)
+    check_choice("score", score, SCORES)
+    step = check_step(step)
+    if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
+        raise HbgsError(f"min_channels must be an integer ≥ 1, got {min_channels!r}")
+    if not isinstance(calib_x, torch.Tensor) or calib_x.dim() < 2 or len(calib_x) == 0:
+        raise HbgsError("calib_x must be a non-empty batch of calibration inputs")
+    if criterion == "hbgts" and signal == "loss" and (
+            calib_y is None or len(calib_y) != len(calib_x)):
+        raise HbgsError("signal='loss' needs calib_y, one label per calibration input")
+    chunk_slices(len(calib_x), chunk_size)  # validates chunk_size
+    return step
 
 
 def channels_to_remove(width: int, step: int | float, groups: int = 1) -> int:
@@ -201,6 +225,8 @@ class RoundRecord:
     nodes_run: int
     full_forwards: int
     layer_forwards: int
+    error: float | None = None  # the choice's error (its score when score="error")
+    saved: float | None = None  # score="error_per_cost": the fraction of the target metric it saved
     scores: dict[str, float] = field(default_factory=dict)  # "layer:side" → score, this round
 
     def as_dict(self) -> dict:
@@ -222,25 +248,16 @@ class HierarchicalPruner:
                  calib_y: torch.Tensor | None, *, criterion: str = "hbgts",
                  signal: str = "features", method: str = "backward", step: int | float = 5,
                  min_channels: int = 1, input_size: Sequence[int] = (3, 32, 32), seed: int = 0,
-                 use_cache: bool = True, chunk_size: int | None = None):
-        check_choice("criterion", criterion, CRITERIA)
-        check_choice("signal", signal, SIGNALS)
-        check_choice("method", method, METHODS)
-        self.step = check_step(step)
-        if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
-            raise HbgsError(f"min_channels must be an integer ≥ 1, got {min_channels!r}")
-        if not isinstance(calib_x, torch.Tensor) or calib_x.dim() < 2 or len(calib_x) == 0:
-            raise HbgsError("calib_x must be a non-empty batch of calibration inputs")
-        if criterion == "hbgts" and signal == "loss" and (
-                calib_y is None or len(calib_y) != len(calib_x)):
-            raise HbgsError("signal='loss' needs calib_y, one label per calibration input")
-        chunk_slices(len(calib_x), chunk_size)  # validates chunk_size
+                 use_cache: bool = True, chunk_size: int | None = None, score: str = "error"):
+        self.step = check_loop_arguments(criterion, signal, method, score, step, min_channels,
+                                         calib_x, calib_y, chunk_size)
         self.layers = wrapped_layers(model)
         self.model, self.original = model, original
         self.calib_x, self.calib_y = calib_x, calib_y
         self.criterion, self.method, self.min_channels = criterion, method, min_channels
         self.signal = signal if criterion == "hbgts" else None
         self.use_cache, self.chunk_size = use_cache, chunk_size
+        self.score, self.metric = score, "params"  # the metric error_per_cost divides by
         self.reference = ReferenceCosts.measure(original, input_size)
         self.stats = WorkStats()
         self.proposals = ProposalCache(method, seed, self.stats, enabled=use_cache)
@@ -275,8 +292,8 @@ class HierarchicalPruner:
         return metric, target
 
     def scored_candidates(self) -> list[tuple[Candidate, float]]:
-        """Every candidate of the current round with its score (lower is better); does not
-        change what the network computes."""
+        """Every candidate of the current round with its error (the paper's score; lower is
+        better); does not change what the network computes."""
         self._bring_up_to_date()
         return list(zip(*self._propose_and_score()[:2]))
 
@@ -284,12 +301,17 @@ class HierarchicalPruner:
                   target: float | None = None) -> RoundRecord | None:
         """One round: score every candidate, apply the best, return its record (None when no
         candidate is left). ``target_met`` compares against ``target`` when given."""
+        self.metric = metric or self.metric
         before = self.stats.copy()
         start = time.perf_counter()
         self._bring_up_to_date()
-        candidates, scores, propose_seconds = self._propose_and_score()
+        candidates, errors, propose_seconds = self._propose_and_score()
         if not candidates:
             return None
+        scores, saved = errors, None
+        if self.score == "error_per_cost":
+            saved = [self._saving(c) for c in candidates]
+            scores = per_cost(errors, self._current_errors(candidates), saved)
         score_seconds = time.perf_counter() - start - propose_seconds  # refresh included
         best = min(range(len(scores)), key=scores.__getitem__)
         choice = candidates[best]
@@ -309,6 +331,7 @@ class HierarchicalPruner:
             score_seconds=score_seconds, proposals_computed=work.proposals_computed,
             proposals_reused=work.proposals_reused, nodes_run=work.nodes_run,
             full_forwards=work.full_forwards, layer_forwards=work.layer_forwards,
+            error=errors[best], saved=None if saved is None else saved[best],
             scores={f"{c.layer}:{c.side}": s for c, s in zip(candidates, scores)})
 
     # -- internals ----------------------------------------------------------------------------
@@ -342,13 +365,38 @@ class HierarchicalPruner:
                       for c in candidates]
         return candidates, scores, propose_seconds
 
+    def _saving(self, candidate: Candidate) -> float:
+        """What applying ``candidate`` saves of the target metric, as a fraction of the
+        original network's (adapters of the pruned layer counted)."""
+        layer = self._layer(candidate.layer)
+        new = pruned(layer, candidate.side, candidate.selection)
+        if self.metric == "params":
+            return (count_params(layer) - count_params(new)) / self.reference.params_original
+        shape = self._input_shapes[candidate.layer]
+        return (count_macs(layer, shape) - count_macs(new, shape)) / self.reference.flops_original
+
+    def _current_errors(self, candidates: list[Candidate]) -> list[float]:
+        """The error of the network as it is (HBGTS), or of each candidate's layer as it is
+        (HBGS): what a candidate's error increase is measured from."""
+        if self.criterion == "hbgts":
+            current = self._end_error(self._evaluator.end_values())
+            return [current] * len(candidates)
+        with torch.no_grad():
+            layer_errors = {name: self._score(name, self._layer(name))
+                            for name in {c.layer for c in candidates}}
+        return [layer_errors[c.layer] for c in candidates]
+
     def _score(self, name: str, module: AdaptedConv) -> float:
         if self.criterion == "hbgs":
             pairs = [(module(x), y) for (_, x), y in
                      zip(self._evaluator.layer_inputs(name), self._original_outputs[name])]
             self.stats.layer_forwards += 1
             return relative_error(pairs)
-        values = self._evaluator.end_values(name, module)
+        return self._end_error(self._evaluator.end_values(name, module))
+
+    def _end_error(self, values) -> float:
+        """HBGTS's error of end values (per chunk): the calibration loss, or the relative error
+        against the original network's signal."""
         if self.signal == "loss":
             total = sum(F.cross_entropy(v.double(), self.calib_y[s], reduction="sum").item()
                         for s, v in values)
@@ -386,6 +434,9 @@ class HierarchicalPruner:
                 chunk_size=self.chunk_size, stats=self.stats,
                 nodes_per_forward=_compute_nodes(self.model))
         chunks = chunk_slices(len(x), self.chunk_size)
+        with evaluating(self.model):  # each layer's input shape, for FLOPs saved (widths kept)
+            _, inputs, _ = capture(self.model, x[:1], inputs_of=self.layers)
+        self._input_shapes = {name: tuple(value.shape[1:]) for name, value in inputs.items()}
         with evaluating(self.original):
             if self.criterion == "hbgs":
                 outputs = [capture(self.original, x[s], outputs_of=self.layers)[2] for s in chunks]
@@ -399,6 +450,17 @@ class HierarchicalPruner:
             raise HbgsError(f"layer {name!r} is no longer a wrapped conv (a callback folded or "
                             "replaced it?); callbacks may change weights, not the architecture")
         return layer
+
+
+def per_cost(errors: Sequence[float], current: Sequence[float],
+             saved: Sequence[float]) -> list[float]:
+    """``(error − current) / saved`` per candidate: the error a step adds per unit of cost it
+    saves (lower is better). A step that saves nothing is never preferred (``inf``), unless no
+    step saves anything, when the plain errors decide."""
+    if all(s <= 0 for s in saved):
+        return list(errors)
+    return [max(e - c, 0.0) / s if s > 0 else math.inf
+            for e, c, s in zip(errors, current, saved)]
 
 
 def run_rounds(pruner, metric: str, target: float, callbacks: Iterable = (),
@@ -429,7 +491,7 @@ def hierarchical_prune(model: nn.Module, original: nn.Module, calib_x: torch.Ten
                        input_size: Sequence[int] = (3, 32, 32), seed: int = 0,
                        use_cache: bool = True, chunk_size: int | None = None,
                        callbacks: Iterable = (), max_rounds: int | None = None,
-                       surgery: str = "adapters") -> list[RoundRecord]:
+                       surgery: str = "adapters", score: str = "error") -> list[RoundRecord]:
     """Prune the wrapped ``model`` in place, one (layer, side) step per round, until it has
     ``target_params`` or ``target_flops`` % fewer than ``original`` (exactly one target).
 
@@ -443,7 +505,8 @@ def hierarchical_prune(model: nn.Module, original: nn.Module, calib_x: torch.Ten
 
     ``surgery``: ``adapters`` (the paper's: ``model`` wrapped, widths kept by 1×1 adapters) or
     ``remove`` (``model`` unwrapped; channel groups removed for real, ``removal.RemovalPruner``;
-    ``use_cache`` does not apply).
+    ``use_cache`` does not apply). ``score``: ``error`` (the paper's) or ``error_per_cost`` (the
+    error's increase per unit of the target metric saved, ``per_cost``).
     """
     check_choice("surgery", surgery, SURGERIES)
     if surgery == "remove":
@@ -452,13 +515,13 @@ def hierarchical_prune(model: nn.Module, original: nn.Module, calib_x: torch.Ten
         pruner = RemovalPruner(model, original, calib_x, calib_y, criterion=criterion,
                                signal=signal, method=method, step=step,
                                min_channels=min_channels, input_size=input_size, seed=seed,
-                               chunk_size=chunk_size)
+                               chunk_size=chunk_size, score=score)
         return pruner.run(target_params=target_params, target_flops=target_flops,
                           callbacks=callbacks, max_rounds=max_rounds)
     pruner = HierarchicalPruner(model, original, calib_x, calib_y, criterion=criterion,
                                 signal=signal, method=method, step=step,
                                 min_channels=min_channels, input_size=input_size, seed=seed,
-                                use_cache=use_cache, chunk_size=chunk_size)
+                                use_cache=use_cache, chunk_size=chunk_size, score=score)
     return pruner.run(target_params=target_params, target_flops=target_flops,
                       callbacks=callbacks, max_rounds=max_rounds)
 

@@ -34,10 +34,8 @@ from torch import nn
 from hbgs.accounting import count_macs, count_params
 from hbgs.errors import HbgsError
 from hbgs.pruning.costs import NetworkCost, ReferenceCosts, check_not_met, parse_target, saved_cost
-from hbgs.pruning.hierarchical import (CRITERIA, SIGNALS, RoundRecord, channels_to_remove,
-                                       check_choice, check_step, relative_error, run_rounds,
-                                       smallest_width)
-from hbgs.pruning.selectors import METHODS
+from hbgs.pruning.hierarchical import (RoundRecord, channels_to_remove, check_loop_arguments,
+                                       per_cost, relative_error, run_rounds, smallest_width)
 from hbgs.pruning.suffix import WorkStats, capture, chunk_slices, evaluating, last_batchnorm
 from hbgs.pruning.surgery import ChannelGroup, ChannelSurgery, input_grams
 
@@ -55,22 +53,14 @@ class RemovalPruner:
                  calib_y: torch.Tensor | None, *, criterion: str = "hbgts",
                  signal: str = "features", method: str = "backward", step: int | float = 5,
                  min_channels: int = 1, input_size: Sequence[int] = (3, 32, 32), seed: int = 0,
-                 chunk_size: int | None = None):
-        check_choice("criterion", criterion, CRITERIA)
-        check_choice("signal", signal, SIGNALS)
-        check_choice("method", method, METHODS)
-        self.step = check_step(step)
-        if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
-            raise HbgsError(f"min_channels must be an integer ≥ 1, got {min_channels!r}")
-        if not isinstance(calib_x, torch.Tensor) or calib_x.dim() < 2 or len(calib_x) == 0:
-            raise HbgsError("calib_x must be a non-empty batch of calibration inputs")
-        if criterion == "hbgts" and signal == "loss" and (
-                calib_y is None or len(calib_y) != len(calib_x)):
-            raise HbgsError("signal='loss' needs calib_y, one label per calibration input")
+                 chunk_size: int | None = None, score: str = "error"):
+        self.step = check_loop_arguments(criterion, signal, method, score, step, min_channels,
+                                         calib_x, calib_y, chunk_size)
         self.chunks = chunk_slices(len(calib_x), chunk_size)
         self.model, self.original, self.calib_x, self.calib_y = model, original, calib_x, calib_y
         self.criterion, self.method, self.seed, self.min_channels = criterion, method, seed, min_channels
         self.signal = signal if criterion == "hbgts" else None
+        self.score, self.metric = score, "params"  # the metric error_per_cost divides by
         self.surgery = ChannelSurgery(model, calib_x[:1])
         self.reference = ReferenceCosts.measure(original, input_size)
         self.stats = WorkStats()
@@ -106,6 +96,7 @@ class RemovalPruner:
     def run_round(self, metric: str | None = None,
                   target: float | None = None) -> RoundRecord | None:
         """One round: score every candidate group, remove the best one's channels."""
+        self.metric = metric or self.metric
         before = self.stats.copy()
         start = time.perf_counter()
         self._prepare()
@@ -122,10 +113,15 @@ class RemovalPruner:
                                                        for c in g.consumers})
         self.stats.full_forwards += 1
         current = self._current_consumer_outputs(candidates) if self.criterion == "hbgs" else None
-        scores = []
+        errors, saved = [], []
         for group, removed in candidates:
             clone, lost = self.surgery.removed_copy(group.root, removed, grams=grams)
-            scores.append(self._score(clone, lost, group, current))
+            errors.append(self._score(clone, lost, group, current))
+            if self.score == "error_per_cost":
+                saved.append(self._cost(self.model) - self._cost(clone))
+        scores = errors
+        if self.score == "error_per_cost":
+            scores = per_cost(errors, [self._current_error()] * len(candidates), saved)
         score_seconds = time.perf_counter() - start - propose_seconds
         best = min(range(len(scores)), key=scores.__getitem__)
         group, removed = candidates[best]
@@ -146,9 +142,23 @@ class RemovalPruner:
             score_seconds=score_seconds, proposals_computed=work.proposals_computed,
             proposals_reused=work.proposals_reused, nodes_run=work.nodes_run,
             full_forwards=work.full_forwards, layer_forwards=work.layer_forwards,
+            error=errors[best], saved=saved[best] if saved else None,
             scores={f"{g.root}:out": s for (g, _), s in zip(candidates, scores)})
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _cost(self, model: nn.Module) -> float:
+        """``model``'s target metric as a fraction of the original network's."""
+        if self.metric == "params":
+            return count_params(model) / self.reference.params_original
+        return count_macs(model, self.reference.input_size) / self.reference.flops_original
+
+    def _current_error(self) -> float:
+        """The error of the network as it is: HBGTS's end-signal error (0 for HBGS, whose
+        candidates are measured against the current network already)."""
+        if self.criterion == "hbgs":
+            return 0.0
+        return self._end_error(self.model, self._end_kept)
 
     def _candidate_groups(self) -> list[ChannelGroup]:
         return [g for g in self.surgery.groups()
@@ -193,13 +203,17 @@ class RemovalPruner:
             self.stats.full_forwards += 1
             return relative_error(pairs)
         self.stats.full_forwards += 1
-        values = [self._signal(clone, self.calib_x[s]) for s in self.chunks]
+        return self._end_error(clone, self._kept_at_end(lost))
+
+    def _end_error(self, model: nn.Module, end_kept: list[int] | None) -> float:
+        """HBGTS's error of ``model``: the calibration loss, or the relative error of its end
+        signal against the original's (removed channels of the end map count as zeros)."""
+        values = [self._signal(model, self.calib_x[s]) for s in self.chunks]
         if self.signal == "loss":
             return sum(F.cross_entropy(v.double(), self.calib_y[s], reduction="sum").item()
                        for s, v in zip(self.chunks, values)) / len(self.calib_x)
-        if self.signal == "features":  # removed channels of the end map count as zeros
-            kept = self._kept_at_end(lost)
-            values = [_scatter_channels(v, kept, ref.shape[1])
+        if self.signal == "features":
+            values = [_scatter_channels(v, end_kept, ref.shape[1])
                       for v, ref in zip(values, self._original_signal)]
         return relative_error(zip(values, self._original_signal))
 
