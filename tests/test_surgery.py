@@ -221,6 +221,11 @@ def test_prune_stage_with_surgery_remove_saves_a_smaller_model_that_scores_as_re
     narrowed = [name for name, w in summary["widths"].items() if w["out_current"] < w["out_original"]]
     assert narrowed and all(model.get_submodule(n).out_channels == summary["widths"][n]["out_current"]
                             for n in narrowed)
+    exported = load_model(tmp_path / "model_exported.pt")  # BatchNorms folded into the narrowed convs
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in exported.modules())
+    images, _ = cifar10.calibration_batch(32)
+    with torch.no_grad():
+        assert _relative(exported(images), model(images)) < 1e-4
 
 
 @pytest.mark.parametrize("method", ["backward", "omp", "l1", "l2", "random"])
@@ -263,3 +268,35 @@ def test_hbgs_remove_scores_the_consumers_against_the_current_network(calibratio
             handle.remove()
             outputs.append(hook_out["y"].double())
         assert score == pytest.approx(_relative(*outputs), rel=1e-6), key
+
+
+def test_linear_layers_are_prunable_and_compensated_exactly_on_a_linear_path():
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 12),
+                        nn.Linear(12, 5)).eval()  # hidden Linear → classifier: a linear path
+    with torch.no_grad():  # hidden unit 7 is an exact combination of units 0 and 3 (bias too)
+        net[3].weight[7] = 2.0 * net[3].weight[0] - 0.5 * net[3].weight[3]
+        net[3].bias[7] = 2.0 * net[3].bias[0] - 0.5 * net[3].bias[3]
+    x = torch.randn(40, 3, 8, 8)
+    before = net(x)
+    surgery = ChannelSurgery(net, x[:1])
+    roots = [g.root for g in surgery.groups()]
+    assert roots == ["0", "3"]  # the conv and the hidden Linear; never the classifier's outputs
+    surgery.remove("3", [7], x)
+    assert net[3].out_features == 11 and net[4].in_features == 11
+    assert _relative(net(x), before) < 1e-5
+
+
+def test_depthwise_and_pointwise_convs_are_offered_with_surgery_and_explained_without():
+    model = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    wrapped_model = copy.deepcopy(model)
+    from hbgs.pruning import wrap_model, wrapped_layers
+
+    wrap_model(wrapped_model)
+    with pytest.raises(HbgsError, match="surgery='remove'"):
+        wrapped_layers(wrapped_model)  # no spatial conv with ≥ 2 channels per group
+    groups = ChannelSurgery(model, torch.randn(1, 3, 32, 32)).groups()
+    kinds = {(m.kernel_size, m.groups == m.in_channels)
+             for g in groups for name in g.members
+             if isinstance(m := model.get_submodule(name), nn.Conv2d)}
+    assert ((1, 1), False) in kinds and ((3, 3), True) in kinds  # pointwise and depthwise
