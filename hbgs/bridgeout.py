@@ -1,4 +1,4 @@
-"""Batch Bridgeout (ALGORITHMS.md §4): multiplicative weight noise that trains networks to be
+"""Batch Bridgeout (docs/algorithms.md §4): multiplicative weight noise that trains networks to be
 prunable.
 
 While training, a targeted conv computes with

@@ -49,6 +49,9 @@ def collect_rows(directories) -> list[dict]:
 def table_row(summary: dict, config: dict, run_dir: Path) -> dict:
     criterion, selector = summary["criterion"], summary["selector"]
     method = config.get("method") or METHOD_NAMES.get((criterion, selector), f"{criterion}+{selector}")
+    variants = [(config.get("criterion") or {}).get("score", "error"),
+                f"BN recal {(config.get('finetune') or {}).get('bn_recalibrate', 0)}"]
+    method += "".join(f", {v}" for v in variants if v not in ("error", "BN recal 0"))  # beside the paper's
     paper = config.get("paper") or {}
     target = summary["target"]
     target_text = (f"-{target['params']:g}% params" if target.get("params") is not None else

@@ -1,5 +1,5 @@
 """stage=robustness: how accuracy holds up when the same fraction of filters is removed from
-every layer with no fine-tuning (the test of the Batch Bridgeout paper, ALGORITHMS.md §4).
+every layer with no fine-tuning (the test of the Batch Bridgeout paper, docs/algorithms.md §4).
 
 Each curve is (checkpoint, method): ``l2-removal`` removes the smallest-L2-norm output filters
 of every prunable conv and nothing else (``l1-removal`` and ``random-removal`` likewise); a

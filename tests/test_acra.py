@@ -1,4 +1,4 @@
-"""ACRA baselines: uniform and sensitivity-based ratio allocation (ALGORITHMS.md §3)."""
+"""ACRA baselines: uniform and sensitivity-based ratio allocation (docs/algorithms.md §3)."""
 import copy
 
 import pytest

@@ -1,4 +1,4 @@
-"""Batch Bridgeout (ALGORITHMS.md §4): noise statistics, targeting, one draw per batch, the
+"""Batch Bridgeout (docs/algorithms.md §4): noise statistics, targeting, one draw per batch, the
 induced penalty, and its life cycle around a Lightning fit."""
 
 import lightning as L

@@ -1,5 +1,6 @@
-"""Upper level: HBGS/HBGTS rounds, the suffix cache, proposal caching, accounting (ALGORITHMS.md
-§2, §5). Random weights and inputs; small models so the file runs in seconds on one core."""
+"""Upper level: HBGS/HBGTS rounds, the suffix cache, proposal caching, accounting
+(docs/algorithms.md §2, §5). Random weights and inputs; small models so the file runs in seconds
+on one core."""
 import copy
 
 import pytest

@@ -1,4 +1,5 @@
-"""Lower level: selectors against brute force, adapters, exact compensation (ALGORITHMS.md §1)."""
+"""Lower level: selectors against brute force, adapters, exact compensation
+(docs/algorithms.md §1)."""
 import copy
 
 import pytest

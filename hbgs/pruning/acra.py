@@ -1,4 +1,4 @@
-"""ACRA baselines: how much to prune each layer, found by binary search (ALGORITHMS.md §3).
+"""ACRA baselines: how much to prune each layer, found by binary search (docs/algorithms.md §3).
 
 * ``uniform_allocation``: one ratio ``r`` for every wrapped layer, both sides.
 * ``sensitivity_allocation``: each layer's calibration-accuracy drop when only it is pruned at

@@ -1,10 +1,10 @@
-"""1×1 adapters around K×K convolutions (ALGORITHMS.md §1.2).
+"""1×1 adapters around K×K convolutions (docs/algorithms.md §1.2).
 
 A prunable conv is wrapped as ``in_adapter (1×1) → conv (K×K) → out_adapter (1×1)``. The
 adapters start as identities and restore the conv's original widths after pruning, so
 BatchNorm, nonlinearities and residual additions around the conv are never touched. Removing
 channels then means: keep a subset of the conv's filters (or input channels) and fold the
-least-squares coefficients ``Λ`` of the removed ones into the adapter (``prune.py``).
+least-squares coefficients ``Λ`` of the removed ones into the adapter (``compensation.py``).
 """
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def wrapped_layers(model: nn.Module) -> list[str]:
 
 def with_identity_adapters(model: nn.Module) -> nn.Module:
     """A wrapped copy of ``model`` (no folding): the adapter-augmented network that the reference
-    code measured reductions against (ALGORITHMS.md §5). ``model`` itself is not changed."""
+    code measured reductions against (docs/algorithms.md §5). ``model`` itself is not changed."""
     augmented = copy.deepcopy(model)
     wrap_model(augmented)
     return augmented

@@ -1,4 +1,5 @@
-"""Remove channels of one wrapped conv and compensate through its adapters (ALGORITHMS.md §1.2).
+"""Remove channels of one wrapped conv and compensate through its adapters
+(docs/algorithms.md §1.2).
 
 ``propose`` chooses channels without changing anything; ``pruned`` builds the pruned layer as a
 new module (the original is untouched, so a candidate can be tried and dropped); ``apply`` does

@@ -1,4 +1,5 @@
-"""Params and FLOPs of a wrapped network as it will be saved, and its reductions (ALGORITHMS.md §5).
+"""Params and FLOPs of a wrapped network as it will be saved, and its reductions
+(docs/algorithms.md §5).
 
 "As saved" means after ``fold_identity_adapters``: sides never pruned carry no adapter, pruned
 sides keep theirs and pay for them. FLOPs are multiply-accumulates (MACs) of conv and linear

@@ -1,4 +1,4 @@
-"""Upper level: choose which layer to prune next, round after round (ALGORITHMS.md §2).
+"""Upper level: choose which layer to prune next, round after round (docs/algorithms.md §2).
 
 Each round every (wrapped layer, side) is a candidate: the lower level proposes removing the
 next ``step`` channels of it, the candidate is scored as if it alone were pruned, and the best

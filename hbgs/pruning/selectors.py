@@ -1,4 +1,4 @@
-"""Lower level: choose which filters of one layer to keep (ALGORITHMS.md §1.1, §1.3–1.5).
+"""Lower level: choose which filters of one layer to keep (docs/algorithms.md §1.1, §1.3–1.5).
 
 Every selector works on a matrix ``F`` with one filter per row and returns a ``Selection``: the
 kept rows ``S`` and the least-squares coefficients ``Λ`` with ``F ≈ Λ F[S]``. No data is used,

@@ -1,4 +1,4 @@
-"""Calibration activations cached for scoring many one-layer changes (ALGORITHMS.md §2).
+"""Calibration activations cached for scoring many one-layer changes (docs/algorithms.md §2).
 
 HBGTS scores every candidate by the network's end signal with only that candidate's layer
 changed. The part of the network that does not depend on the changed layer computes the same
