@@ -132,24 +132,20 @@ def _torch_pruning():
     return torch_pruning
 
 
+def peer_variant(importance: str) -> Variant:
+    """The peer ``method=tp_l1`` / ``tp_group_norm`` at the MACs target (the layers
+    Torch-Pruning cannot prune consistently are left out)."""
+    def pruned(dense: nn.Module, settings: Settings) -> nn.Module:
+        return torch_pruning_allocation(copy.deepcopy(dense), dense, importance=importance,
+                                        target_flops=settings.target_macs,
+                                        input_size=INPUT_SIZE).model.eval()
+    return pruned
+
+
 if _torch_pruning() is not None:
-    @variant("TP L1, uniform")
-    def tp_l1_uniform(dense: nn.Module, settings: Settings) -> nn.Module:
-        """``method=tp_l1``: the layers Torch-Pruning cannot prune consistently are left out."""
-        return torch_pruning_allocation(copy.deepcopy(dense), dense, importance="l1",
-                                        target_flops=settings.target_macs,
-                                        input_size=INPUT_SIZE).model.eval()
-
-    exported_row("TP L1, uniform")
-
-    @variant("TP group L2, global")
-    def tp_group_global(dense: nn.Module, settings: Settings) -> nn.Module:
-        """``method=tp_group_norm``."""
-        return torch_pruning_allocation(copy.deepcopy(dense), dense, importance="group_norm",
-                                        target_flops=settings.target_macs,
-                                        input_size=INPUT_SIZE).model.eval()
-
-    exported_row("TP group L2, global")
+    for row, importance in (("TP L1, uniform", "l1"), ("TP group L2, global", "group_norm")):
+        variant(row)(peer_variant(importance))
+        exported_row(row)
 
 
 def conv_modules(model: nn.Module) -> int:

@@ -229,6 +229,23 @@ class RoundRecord:
     saved: float | None = None  # score="error_per_cost": the fraction of the target metric it saved
     scores: dict[str, float] = field(default_factory=dict)  # "layer:side" → score, this round
 
+    @classmethod
+    def of(cls, pruner, *, cost: NetworkCost, metric: str | None, target: float | None,
+           work: WorkStats, **fields) -> "RoundRecord":
+        """The record of ``pruner``'s latest round: its count, criterion and signal, the
+        network's ``cost`` after the choice (``target_met`` against ``target`` in ``metric``) and
+        the ``work`` it took; ``fields`` give the rest."""
+        return cls(round=pruner.rounds, params=cost.params, flops=cost.flops,
+                   params_reduction=cost.params_reduction, flops_reduction=cost.flops_reduction,
+                   params_reduction_vs_augmented=cost.params_reduction_vs_augmented,
+                   flops_reduction_vs_augmented=cost.flops_reduction_vs_augmented,
+                   target_met=target is not None and cost.reduction(metric) >= target,
+                   criterion=pruner.criterion, signal=pruner.signal,
+                   proposals_computed=work.proposals_computed,
+                   proposals_reused=work.proposals_reused, nodes_run=work.nodes_run,
+                   full_forwards=work.full_forwards, layer_forwards=work.layer_forwards,
+                   **fields)
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -319,18 +336,11 @@ class HierarchicalPruner:
         self.rounds += 1
         cost = saved_cost(self.model, self.reference)
         work = self.stats.since(before)
-        return RoundRecord(
-            round=self.rounds, layer=choice.layer, side=choice.side, width_before=choice.width,
+        return RoundRecord.of(
+            self, layer=choice.layer, side=choice.side, width_before=choice.width,
             width_after=choice.width - choice.n_remove, score=scores[best],
-            candidates=len(candidates), params=cost.params, flops=cost.flops,
-            params_reduction=cost.params_reduction, flops_reduction=cost.flops_reduction,
-            params_reduction_vs_augmented=cost.params_reduction_vs_augmented,
-            flops_reduction_vs_augmented=cost.flops_reduction_vs_augmented,
-            target_met=target is not None and cost.reduction(metric) >= target,
-            criterion=self.criterion, signal=self.signal, propose_seconds=propose_seconds,
-            score_seconds=score_seconds, proposals_computed=work.proposals_computed,
-            proposals_reused=work.proposals_reused, nodes_run=work.nodes_run,
-            full_forwards=work.full_forwards, layer_forwards=work.layer_forwards,
+            candidates=len(candidates), cost=cost, metric=metric, target=target,
+            propose_seconds=propose_seconds, score_seconds=score_seconds, work=work,
             error=errors[best], saved=None if saved is None else saved[best],
             scores={f"{c.layer}:{c.side}": s for c, s in zip(candidates, scores)})
 

@@ -130,18 +130,11 @@ class RemovalPruner:
         self.rounds += 1
         cost = saved_cost(self.model, self.reference)
         work = self.stats.since(before)
-        return RoundRecord(
-            round=self.rounds, layer=group.root, side="out", width_before=group.width,
+        return RoundRecord.of(
+            self, layer=group.root, side="out", width_before=group.width,
             width_after=group.width - len(removed), score=scores[best],
-            candidates=len(candidates), params=cost.params, flops=cost.flops,
-            params_reduction=cost.params_reduction, flops_reduction=cost.flops_reduction,
-            params_reduction_vs_augmented=cost.params_reduction_vs_augmented,
-            flops_reduction_vs_augmented=cost.flops_reduction_vs_augmented,
-            target_met=target is not None and cost.reduction(metric) >= target,
-            criterion=self.criterion, signal=self.signal, propose_seconds=propose_seconds,
-            score_seconds=score_seconds, proposals_computed=work.proposals_computed,
-            proposals_reused=work.proposals_reused, nodes_run=work.nodes_run,
-            full_forwards=work.full_forwards, layer_forwards=work.layer_forwards,
+            candidates=len(candidates), cost=cost, metric=metric, target=target,
+            propose_seconds=propose_seconds, score_seconds=score_seconds, work=work,
             error=errors[best], saved=saved[best] if saved else None,
             scores={f"{g.root}:out": s for (g, _), s in zip(candidates, scores)})
 
