@@ -27,10 +27,10 @@ from hbgs.module import evaluate_accuracy
 from hbgs.pruning import channel_widths, fold_identity_adapters, wrap_model
 from hbgs.pruning.acra import prune_uniform_fraction, sensitivity_allocation, uniform_allocation
 from hbgs.pruning.costs import ReferenceCosts, saved_cost
-from hbgs.pruning.hierarchical import SURGERIES, hierarchical_prune
-from hbgs.pruning.peers import PEER_CRITERIA, require_torch_pruning, selector_name, torch_pruning_allocation
+from hbgs.pruning.hierarchical import hierarchical_prune, surgery_of
+from hbgs.pruning.peers import PEER_CRITERIA, selector_name, torch_pruning_allocation
 from hbgs.pruning.removal import remove_by_ratios
-from hbgs.pruning.surgery import ChannelSurgery, layer_widths
+from hbgs.pruning.surgery import ChannelSurgery, layer_widths, require_torch_pruning
 from hbgs.reporting import LoggerRoundCallback, plot_accuracy_vs_flops, plot_widths, write_csv
 
 CRITERIA = ("hbgs", "hbgts", "uniform", "sensitivity", "uniform_fraction", *PEER_CRITERIA)
@@ -112,10 +112,7 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
     if crit not in CRITERIA:
         raise HbgsError(f"Unknown criterion {crit!r}: use criterion=one of {', '.join(CRITERIA)}.")
     target_params, target_flops = target_of(cfg.criterion) if crit != "uniform_fraction" else (None, None)
-    surgery = cfg.get("surgery", "adapters")
-    if surgery not in SURGERIES:
-        raise HbgsError(f"surgery={surgery!r}: use surgery=adapters (the paper's 1×1 adapters) or "
-                        "surgery=remove (channels removed for real, a faster network)")
+    surgery = surgery_of(cfg)
     if crit in PEER_CRITERIA:  # Torch-Pruning's own pruner (hbgs.pruning.peers), checked before anything loads;
         require_torch_pruning(f"criterion={crit}")  # it always removes channels: surgery= does not apply
         surgery = "remove"

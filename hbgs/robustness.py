@@ -32,7 +32,7 @@ from hbgs.module import evaluate_accuracy
 from hbgs.pruning import ReferenceCosts, fold_identity_adapters, saved_cost, wrap_model
 from hbgs.pruning.acra import prune_layers
 from hbgs.pruning.adapters import wrapped_layers
-from hbgs.pruning.hierarchical import SURGERIES
+from hbgs.pruning.hierarchical import surgery_of
 from hbgs.pruning.removal import remove_by_ratios
 from hbgs.pruning.surgery import ChannelSurgery
 from hbgs.pruning.selectors import METHODS
@@ -116,9 +116,7 @@ def checkpoints_of(cfg: DictConfig) -> dict[str, str]:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    surgery = cfg.get("surgery", "adapters")
-    if surgery not in SURGERIES:
-        raise HbgsError(f"surgery={surgery!r}: use surgery=adapters or surgery=remove")
+    surgery = surgery_of(cfg)
     checkpoints = checkpoints_of(cfg)
     models = {label: load_model(path) for label, path in checkpoints.items()}  # all load before any work
     for label, path in checkpoints.items():

@@ -64,6 +64,15 @@ def check_step(step) -> int | float:
     return int(step) if isinstance(step, numbers.Integral) else float(step)
 
 
+def surgery_of(cfg) -> str:
+    """The run's ``surgery`` (default ``adapters``), or an HbgsError naming both options."""
+    surgery = cfg.get("surgery", "adapters")
+    if surgery not in SURGERIES:
+        raise HbgsError(f"surgery={surgery!r}: use surgery=adapters (the paper's 1×1 adapters) or "
+                        "surgery=remove (channels removed for real, a faster network)")
+    return surgery
+
+
 def check_loop_arguments(criterion, signal, method, score, step, min_channels, calib_x, calib_y,
                          chunk_size) -> int | float:
     """HbgsError for the first bad argument of a pruning loop (either surgery); the checked

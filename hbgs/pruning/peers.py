@@ -43,7 +43,7 @@ from torch import nn
 from hbgs.errors import HbgsError
 from hbgs.pruning.acra import UniformAllocation
 from hbgs.pruning.costs import ReferenceCosts, check_not_met, parse_target, saved_cost
-from hbgs.pruning.surgery import ChannelSurgery, layer_widths
+from hbgs.pruning.surgery import ChannelSurgery, layer_widths, require_torch_pruning
 
 # criterion name (conf/criterion) → importance; the summary's "selector" for each importance
 PEER_CRITERIA = {"tp_l1": "l1", "tp_group_norm": "group_norm"}
@@ -57,21 +57,11 @@ def selector_name(importance: str) -> str:
     return "tp-" + importance.replace("_", "-")
 
 
-def require_torch_pruning(what: str = "the Torch-Pruning peers"):
-    """The ``torch_pruning`` module, or an HbgsError naming the fix."""
-    try:
-        import torch_pruning
-    except ImportError as err:
-        raise HbgsError(f"{what} needs Torch-Pruning, which is not installed: "
-                        "pip install torch-pruning") from err
-    return torch_pruning
-
-
 def importance_of(importance: str):
     """Torch-Pruning's importance object for ``importance`` ("l1" or "group_norm")."""
     if importance not in IMPORTANCES:
         raise HbgsError(f"importance={importance!r}: use one of {', '.join(IMPORTANCES)}")
-    tp = require_torch_pruning()
+    tp = require_torch_pruning("the Torch-Pruning peers")
     if importance == "l1":
         return tp.importance.MagnitudeImportance(p=1)
     return tp.importance.GroupMagnitudeImportance(p=2)
@@ -129,7 +119,7 @@ def prune_at_ratio(model: nn.Module, ratio: float, *, importance: str = "l1",
     """A copy of ``model`` pruned by one ``MetaPruner`` step at ``ratio`` (``model`` is not
     changed), the layers named in ``ignored`` left out; in ``model``'s training mode, with its
     parameters' ``requires_grad``."""
-    tp = require_torch_pruning()
+    tp = require_torch_pruning("the Torch-Pruning peers")
     scores = importance_of(importance)  # checks the name
     if global_pruning is None:
         global_pruning = GLOBAL_BY_DEFAULT[importance]
@@ -162,7 +152,7 @@ def torch_pruning_allocation(model: nn.Module, original: nn.Module, *, importanc
     docstring says. ``model`` (plain, unwrapped; e.g. a copy of ``original``) is not changed:
     the result holds the pruned copy. ``example_input``: one input batch to trace with (default:
     a random one of ``input_size``)."""
-    require_torch_pruning()
+    require_torch_pruning("the Torch-Pruning peers")
     if importance not in IMPORTANCES:
         raise HbgsError(f"importance={importance!r}: use one of {', '.join(IMPORTANCES)}")
     if global_pruning is None:

@@ -114,11 +114,12 @@ class RemovalPruner:
         self.stats.full_forwards += 1
         current = self._current_consumer_outputs(candidates) if self.criterion == "hbgs" else None
         errors, saved = [], []
+        cost_now = self._cost(self.model) if self.score == "error_per_cost" else None
         for group, removed in candidates:
             clone, lost = self.surgery.removed_copy(group.root, removed, grams=grams)
             errors.append(self._score(clone, lost, group, current))
-            if self.score == "error_per_cost":
-                saved.append(self._cost(self.model) - self._cost(clone))
+            if cost_now is not None:
+                saved.append(cost_now - self._cost(clone))
         scores = errors
         if self.score == "error_per_cost":
             scores = per_cost(errors, [self._current_error()] * len(candidates), saved)

@@ -40,11 +40,13 @@ from hbgs.pruning.selectors import RIDGE, Selection, select_filters
 MAX_COMPENSATED_WIDTH = 8192
 
 
-def _torch_pruning():
+def require_torch_pruning(what: str = "surgery=remove"):
+    """The ``torch_pruning`` module, or an HbgsError naming the fix."""
     try:
         import torch_pruning
-    except ImportError as err:  # pragma: no cover - a declared dependency
-        raise HbgsError("surgery=remove needs Torch-Pruning: pip install torch-pruning") from err
+    except ImportError as err:
+        raise HbgsError(f"{what} needs Torch-Pruning, which is not installed: "
+                        "pip install torch-pruning") from err
     return torch_pruning
 
 
@@ -85,7 +87,7 @@ def output_layer(model: nn.Module, example_input: torch.Tensor) -> str | None:
 def dependency_graph(model: nn.Module, example_input: torch.Tensor):
     """Torch-Pruning's ``DependencyGraph`` of ``model`` (traced on ``example_input``). It traces
     through autograd, so gradients are switched on for the trace (and restored after)."""
-    tp = _torch_pruning()
+    tp = require_torch_pruning()
     was_training = model.training
     frozen = [p for p in model.parameters() if not p.requires_grad]
     model.eval()
@@ -135,7 +137,7 @@ class ChannelSurgery:
             root_module = group[0].dep.target.module
             if root_module not in names:
                 continue
-            described = _describe(group, names, root_module)
+            described = _describe(group, self.model, names, root_module)
             if self._removal_is_consistent(described):
                 groups.append(described)
         order = {n: i for i, n in enumerate(names.values())}
@@ -223,7 +225,7 @@ class ChannelSurgery:
     def _plan(self, root: str, removed: Sequence[int]):
         """The Torch-Pruning group removing ``removed`` from ``root`` and its items as
         ``(module name, pruning function, indices)``."""
-        tp = _torch_pruning()
+        tp = require_torch_pruning()
         removed = sorted(set(int(i) for i in removed))
         root_module = self.model.get_submodule(root)
         handler = (tp.prune_conv_out_channels if isinstance(root_module, nn.Conv2d)
@@ -232,18 +234,12 @@ class ChannelSurgery:
         if not self.graph.check_pruning_group(group):
             raise HbgsError(f"removing {len(removed)} channels of {root} would leave a layer "
                             "with none; remove fewer")
-        names = {m: n for n, m in self.model.named_modules()}
-        items = [(names[item.dep.target.module], item.dep.handler, list(map(int, item.idxs)))
-                 for item in group if item.dep.target.module in names]
-        return group, items
+        return group, _named_items(group, {m: n for n, m in self.model.named_modules()})
 
     @staticmethod
     def _compensated_weights(model, items, calib_x, grams) -> dict[str, torch.Tensor]:
         """The consumers' new weights over their kept inputs (before anything is cut)."""
-        tp = _torch_pruning()
-        consumers = [(name, idxs) for name, handler, idxs in items
-                     if handler in (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
-                     and getattr(model.get_submodule(name), "groups", 1) == 1]
+        consumers = _compensated_consumers(model, items)
         if grams is None and calib_x is not None:
             grams = input_grams(model, calib_x, [name for name, _ in consumers])
         return {name: _compensated_weight(model.get_submodule(name), grams[name], idxs)
@@ -328,23 +324,26 @@ def _compensated_weight(module: nn.Module, gram: torch.Tensor, removed) -> torch
     return folded.to(module.weight.dtype)
 
 
-def _consumer_inputs(group, names: dict) -> list[tuple[str, list[int]]]:
-    """(name, input channels removed) of every conv/linear in ``group`` that loses inputs."""
-    tp = _torch_pruning()
-    consumers = []
-    for item in group:
-        module, handler = item.dep.target.module, item.dep.handler
-        if module in names and handler in (tp.prune_conv_in_channels,
-                                           tp.prune_linear_in_channels):
-            if getattr(module, "groups", 1) == 1:
-                consumers.append((names[module], list(item.idxs)))
-    return consumers
+def _named_items(group, names: dict) -> list[tuple[str, object, list[int]]]:
+    """``group``'s items on the model's own modules as ``(name, pruning function, indices)``
+    (Torch-Pruning's internal operation nodes left out)."""
+    return [(names[item.dep.target.module], item.dep.handler, list(map(int, item.idxs)))
+            for item in group if item.dep.target.module in names]
 
 
-def _describe(group, names: dict, root_module: nn.Module) -> ChannelGroup:
-    members = tuple(dict.fromkeys(names[item.dep.target.module] for item in group
-                                  if item.dep.target.module in names))
-    consumers = tuple(name for name, _ in _consumer_inputs(group, names))
+def _compensated_consumers(model: nn.Module, items) -> list[tuple[str, list[int]]]:
+    """(name, input channels removed) of every ungrouped conv or linear among ``items`` that
+    loses inputs: the consumers compensation refits."""
+    tp = require_torch_pruning()
+    return [(name, idxs) for name, handler, idxs in items
+            if handler in (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
+            and getattr(model.get_submodule(name), "groups", 1) == 1]
+
+
+def _describe(group, model: nn.Module, names: dict, root_module: nn.Module) -> ChannelGroup:
+    items = _named_items(group, names)
+    members = tuple(dict.fromkeys(name for name, _, _ in items))
+    consumers = tuple(name for name, _ in _compensated_consumers(model, items))
     width = root_module.out_channels if isinstance(root_module, nn.Conv2d) else \
         root_module.out_features
     # Grouped convs among the members need the same count removed from each of their groups;
