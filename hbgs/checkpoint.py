@@ -67,13 +67,15 @@ class CheckpointNotFound(CheckpointError, FileNotFoundError):
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, *, model_cfg: Mapping | None = None,
-               meta: Mapping | None = None) -> Path:
+               meta: Mapping | None = None, half: bool = False) -> Path:
     """Write ``model`` to ``path`` atomically (temp file, then ``os.replace``); return the path.
 
     ``model_cfg`` is a Hydra-instantiable dict that builds the ORIGINAL (unpruned) architecture;
     pruned layers (``AdaptedConv``) are recorded separately. Without it the module is pickled
     (see the module docstring for the trade-off). ``meta`` must be plain data (dicts, lists,
-    strings, numbers, tensors); OmegaConf containers are converted.
+    strings, numbers, tensors); OmegaConf containers are converted. ``half`` stores floating
+    weights as float16 (half the file; the zoo's VGG-16 uses it): loading casts them back into the
+    float32 model, so what loads is the float16-rounded network.
     """
     model_cfg = _plain(model_cfg, "model_cfg")
     payload = {"format": FORMAT, "model_cfg": model_cfg, "structure": adapted_structure(model),
@@ -84,8 +86,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, model_cfg: Mapping 
         payload["module"] = buffer.getvalue()
     else:
         payload["structure"] = changed_structure(model, model_cfg)
-        payload["state_dict"] = {k: v.detach().cpu().contiguous()
-                                 for k, v in model.state_dict().items()}
+        payload["state_dict"] = {k: _stored(v, half) for k, v in model.state_dict().items()}
         if is_channels_last(model):
             payload["memory_format"] = "channels_last"
     path = Path(path)
@@ -289,9 +290,16 @@ def _load_weights(model: nn.Module, state_dict: dict, path) -> None:
     model.load_state_dict(state_dict, strict=True)
 
 
+def _stored(tensor: torch.Tensor, half: bool) -> torch.Tensor:
+    tensor = tensor.detach().cpu().contiguous()
+    return tensor.half() if half and tensor.is_floating_point() else tensor
+
+
 def _plain(value, where: str):
     """``value`` as plain data that ``torch.load(weights_only=True)`` accepts, or a TypeError."""
-    if value is None or isinstance(value, (str, int, float, bool, torch.Tensor)):
+    if isinstance(value, str):
+        return str(value)  # a subclass such as torch.__version__'s would not load weights-only
+    if value is None or isinstance(value, (int, float, bool, torch.Tensor)):
         return value
     if type(value).__module__.startswith("omegaconf"):
         from omegaconf import OmegaConf

@@ -73,6 +73,56 @@ class AugmentedImages(Dataset):
         return (image - self.mean) / self.std, self.split.labels[i]
 
 
+class DeviceBatches:
+    """Batches drawn from uint8 images that live on the training device, augmented there.
+
+    The GPU counterpart of a DataLoader over `AugmentedImages`: the whole split sits on the device
+    as uint8 (CIFAR-10's training images are 150 MB), and each batch is cropped (zero padding of
+    `pad` pixels, a random offset per image) and flipped with batched tensor ops, so no worker
+    process decodes or copies images and a small model is not starved. The augmentation is the
+    same as `AugmentedImages` (tests compare them); one pass is one epoch in a fresh random order.
+    """
+
+    def __init__(self, split: ImageSplit, mean, std, batch_size: int, augment: bool, device="cpu",
+                 seed: int = 0, drop_last: bool = False, pad: int = 4,
+                 memory_format: torch.memory_format = torch.contiguous_format):
+        self.device = torch.device(device)
+        self.images, self.labels = split.images.to(self.device), split.labels.to(self.device)
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
+        self.batch_size, self.augment, self.drop_last, self.pad = batch_size, augment, drop_last, pad
+        self.memory_format = memory_format
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.labels)
+        order = (torch.randperm(n, device=self.device, generator=self.generator) if self.augment
+                 else torch.arange(n, device=self.device))
+        for batch in range(len(self)):
+            index = order[batch * self.batch_size:(batch + 1) * self.batch_size]
+            images = self.images[index]
+            if self.augment:
+                images = self.crop_and_flip(images)
+            x = (images.float() - self.mean) / self.std
+            yield x.contiguous(memory_format=self.memory_format), self.labels[index]
+
+    def crop_and_flip(self, images: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = images.shape
+        padded = F.pad(images, (self.pad,) * 4)
+        top, left = torch.randint(0, 2 * self.pad + 1, (2, n), device=self.device, generator=self.generator)
+        flip = torch.rand(n, device=self.device, generator=self.generator) < 0.5
+        rows = top[:, None] + torch.arange(h, device=self.device)
+        cols = left[:, None] + torch.arange(w, device=self.device)
+        cols = torch.where(flip[:, None], cols.flip(1), cols)  # a flipped crop reads its columns backwards
+        # Advanced indices around a slice put their dims first: (n, h, w, channels).
+        cropped = padded[torch.arange(n, device=self.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+        return cropped.permute(0, 3, 1, 2)
+
+
 def find_cifar10_root() -> str | None:
     """The offline ImageFolder copy of CIFAR-10: $HBGS_CIFAR10_ROOT, else `shared/data/cifar10`
     beside the repository, the working directory or one of their parents (this workplace keeps it

@@ -1,0 +1,273 @@
+"""Train the zoo's checkpoints on one GPU within a wall-clock budget:
+
+    python -m hbgs.zoo_train --models resnet20 resnet56 vgg16 --minutes 8 --out zoo
+
+`stage=train` is the general path (Lightning, any model or dataset, `resume=`). This one exists
+because the zoo's networks are small for a GPU: a ResNet-20 step is a few hundred tiny kernels,
+so a data loader or a lone process leaves the GPU idle most of the time. Here:
+
+* the training images live on the GPU as uint8 and are cropped and flipped there
+  (`hbgs.data.DeviceBatches`), so no worker decodes or copies images;
+* bf16 autocast and channels-last activations;
+* one process per model, all sharing the GPU, so one model's kernels fill the others' gaps;
+* a budget instead of an epoch count: every epoch each process re-plans how many epochs fit
+  before the deadline (its last epoch's time, a safety margin, at most the recipe's
+  `max_epochs`), and the schedule (linear warm-up, then cosine to zero, SGD with Nesterov
+  momentum, label smoothing 0.1) is stretched to that count, so training ends on a finished
+  schedule rather than being cut off;
+* weights saved in float16 (`save_model(half=True)`); the accuracy recorded is the one of the
+  float16-rounded network that loads, measured on the whole test split, beside the float32 one.
+
+The data split is `stage=train`'s: the calibration images (dataset.calib_size=1000, seed 0) are
+held out, so the pruning criteria never score on images the network was trained on. It runs on the
+CPU too (slowly), which is how the tests exercise it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hbgs import models
+from hbgs.accounting import count_macs, count_params
+from hbgs.checkpoint import save_model
+from hbgs.data import DeviceBatches, ImageDataModule
+
+# Per model: batch size, peak learning rate, the most epochs a budget may buy.
+RECIPES = {
+    "resnet20": {"batch_size": 128, "lr": 0.1, "max_epochs": 200},
+    "resnet32": {"batch_size": 128, "lr": 0.1, "max_epochs": 200},
+    "resnet56": {"batch_size": 128, "lr": 0.1, "max_epochs": 200},
+    "resnet110": {"batch_size": 128, "lr": 0.1, "max_epochs": 200},
+    "vgg16": {"batch_size": 128, "lr": 0.05, "max_epochs": 200},
+}
+WEIGHT_DECAY, MOMENTUM, LABEL_SMOOTHING, WARMUP_EPOCHS = 5e-4, 0.9, 0.1, 2
+SAFETY = 0.92      # share of the time left that the planned epochs may fill
+FINISH_SECONDS = 20  # kept back for the last evaluations and the save
+
+
+class Schedule:
+    """Linear warm-up over the first epochs, then cosine to zero at `total` steps; `total` may
+    be re-planned while training runs (it is read at every step)."""
+
+    def __init__(self, peak_lr: float, warmup_steps: int, total: int):
+        self.peak_lr, self.warmup_steps, self.total = peak_lr, warmup_steps, total
+
+    def lr(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.peak_lr * (0.1 + 0.9 * step / self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total - self.warmup_steps))
+        return self.peak_lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def plan_epochs(done: int, planned: int, max_epochs: int, last_epoch_seconds: float, seconds_left: float) -> int:
+    """How many epochs in all fit, at most `max_epochs`; `done` (stop now) when not one more does;
+    past half of the plan never more than planned (raising it late would push the learning rate
+    back up)."""
+    if math.isinf(seconds_left):
+        return max_epochs
+    fit = min(max_epochs, done + int(max(0.0, seconds_left) * SAFETY / max(last_epoch_seconds, 1e-6)))
+    return min(fit, planned) if done >= planned / 2 else fit
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, batches: DeviceBatches, bf16: bool) -> float:
+    model.eval()
+    correct = total = 0
+    with torch.autocast(batches.device.type, dtype=torch.bfloat16, enabled=bf16):
+        for x, y in batches:
+            correct += (model(x).argmax(1) == y).sum()
+            total += len(y)
+    return float(correct) / total
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """bf16 autocast pays on a GPU and on CPUs with bf16 instructions (AVX512-BF16, AMX): there
+    it halves a VGG-16 step (measured on this project's 2-core EPYC)."""
+    if device.type == "cuda":
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def save_state(path: Path, **state) -> None:
+    partial = path.with_suffix(".tmp")
+    torch.save(state, partial)
+    os.replace(partial, path)  # a stop mid-write leaves the previous epoch's state intact
+
+
+def datamodule(args) -> ImageDataModule:
+    dm = ImageDataModule(root=args.data_root, calib_size=1000, seed=args.seed, limit_train=args.limit_train,
+                         limit_test=args.limit_test, cache_dir=args.cache_dir)
+    dm.setup()
+    return dm
+
+
+def train_one(name: str, args) -> dict:
+    """Train `name` until the deadline; save `<out>/<name>-cifar10.pt`; return its record."""
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.benchmark = True
+    recipe = {**RECIPES[name], **{k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr),
+                                                       ("max_epochs", args.max_epochs)) if v is not None}}
+    bf16 = bf16_is_fast(device) if args.bf16 is None else args.bf16
+    layout = torch.channels_last if bf16 else torch.contiguous_format
+    dm = datamodule(args)
+    train = DeviceBatches(dm.splits["train"], dm.mean, dm.std, recipe["batch_size"], augment=True, device=device,
+                          seed=args.seed, drop_last=True, memory_format=layout)
+    test = DeviceBatches(dm.splits["test"], dm.mean, dm.std, 1000, augment=False, device=device, memory_format=layout)
+    model = getattr(models, name)(num_classes=dm.num_classes).to(device, memory_format=layout)
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=MOMENTUM, nesterov=True,
+                                weight_decay=WEIGHT_DECAY)
+    planned = recipe["max_epochs"]
+    schedule = Schedule(recipe["lr"], WARMUP_EPOCHS * len(train), planned * len(train))
+    history, step, epoch, trained_seconds = [], 0, 0, 0.0
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    state_path = Path(args.out) / f".{name}-{dm.name}.state.pt"
+    if args.resume and state_path.exists():  # continue an interrupted call where its last epoch ended
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])  # moves its buffers to the parameters' device
+        train.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history, step, epoch, planned = state["history"], state["step"], state["epoch"], state["planned"]
+        trained_seconds, recipe = state["trained_seconds"], state["recipe"]
+        schedule.total = planned * len(train)
+        print(f"[{name}] resumed after epoch {epoch} of {planned} planned", flush=True)
+    start = time.time() - trained_seconds
+    while epoch < planned:
+        model.train()
+        epoch_start, loss_sum = time.time(), torch.zeros((), device=device)
+        for x, y in train:
+            for group in optimizer.param_groups:
+                group["lr"] = schedule.lr(step)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(model(x), y, label_smoothing=LABEL_SMOOTHING)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+            step += 1
+        epoch += 1
+        seconds = time.time() - epoch_start
+        planned = plan_epochs(epoch, planned, recipe["max_epochs"], seconds,
+                              args.deadline - FINISH_SECONDS - time.time())
+        schedule.total = planned * len(train)
+        row = {"epoch": epoch, "planned": planned, "loss": float(loss_sum) / len(train),
+               "lr": schedule.lr(step), "seconds": round(seconds, 2)}
+        if epoch % args.eval_every == 0 or epoch == planned:
+            row["test_acc"] = accuracy(model, test, bf16)
+        history.append(row)
+        print(f"[{name}] " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+              flush=True)
+        save_state(state_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                   generator=train.generator.get_state(), torch_rng=torch.get_rng_state(), history=history,
+                   step=step, epoch=epoch, planned=planned, trained_seconds=time.time() - start, recipe=recipe)
+    train_seconds = time.time() - start
+
+    model = model.float().to(memory_format=torch.contiguous_format).eval()
+    acc_float32 = accuracy(model, test, bf16=False)
+    rounded = copy.deepcopy(model).half().float()  # exactly what loads from the float16 file
+    acc_saved = accuracy(rounded, test, bf16=False)
+    record = {
+        "model": name, "dataset": dm.name, "test_acc": acc_saved, "test_acc_float32": acc_float32,
+        "test_images": len(dm.splits["test"]), "train_images": len(dm.splits["train"]),
+        "input_size": list(dm.input_size), "epochs": epoch, "seed": args.seed, "recipe": recipe,
+        "schedule": f"SGD nesterov momentum {MOMENTUM}, weight decay {WEIGHT_DECAY}, label smoothing "
+                    f"{LABEL_SMOOTHING}, {WARMUP_EPOCHS}-epoch linear warm-up then cosine to zero, "
+                    "random crop (pad 4) and flip on the device" + (", bf16 autocast" if bf16 else ""),
+        "train_seconds": round(train_seconds, 1),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "weights": "float16",
+        "command": os.environ.get("HBGS_ZOO_COMMAND", "python -m hbgs.zoo_train --models " + name),
+        "params": count_params(model.cpu()), "macs": count_macs(model, dm.input_size),
+    }
+    save_model(model, Path(args.out) / f"{name}-{dm.name}.pt", half=True,
+               model_cfg={"_target_": f"hbgs.models.{name}", "num_classes": dm.num_classes},
+               meta={**{k: v for k, v in record.items() if k != "recipe"}, "trainer": "hbgs.zoo_train"})
+    state_path.unlink(missing_ok=True)
+    return {**record, "history": history}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m hbgs.zoo_train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["resnet20", "resnet56", "vgg16"], choices=sorted(RECIPES))
+    p.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget, data loading included")
+    p.add_argument("--out", default="zoo", help="folder for <model>-cifar10.pt and zoo_train.json")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", default=None, help="CIFAR-10 ImageFolder (default: as dataset=cifar10 finds it)")
+    p.add_argument("--cache-dir", default="~/.cache/hbgs")
+    p.add_argument("--eval-every", type=int, default=10, help="epochs between test-split readings in the log")
+    p.add_argument("--batch-size", type=int, default=None, help="override the recipe's")
+    p.add_argument("--lr", type=float, default=None, help="override the recipe's peak learning rate")
+    p.add_argument("--max-epochs", type=int, default=None, help="override the recipe's cap")
+    p.add_argument("--limit-train", type=int, default=None, help="train on the first N training images (tests)")
+    p.add_argument("--limit-test", type=int, default=None, help="test on N test images (tests)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast and channels-last (default: on a GPU, or a CPU with bf16 instructions)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue each model from the state its last interrupted call left in --out")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one model, started by the driver
+    p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for flag in ("minutes", "eval_every", "batch_size", "lr", "max_epochs", "limit_train", "limit_test", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            p.error(f"--{flag.replace('_', '-')}={value} must be positive, e.g. --{flag.replace('_', '-')} 8")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this machine has no CUDA GPU; pass --device cpu")
+    return args
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:  # one model, in its own process
+        args.deadline = args.deadline or math.inf
+        record = train_one(args.worker, args)
+        (Path(args.out) / f".{args.worker}.json").write_text(json.dumps(record))
+        return 0
+    start = time.time()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    datamodule(args)  # decode once into the tensor cache, so the workers only read it
+    worker_args = [*argv, "--deadline", str(start + 60 * args.minutes), "--worker"]
+    command = "python -m hbgs.zoo_train " + " ".join(argv)
+    env = {**os.environ, "HBGS_ZOO_COMMAND": command}
+    workers = {name: subprocess.Popen([sys.executable, "-m", "hbgs.zoo_train", *worker_args, name], env=env)
+               for name in args.models}
+    failed = [name for name, worker in workers.items() if worker.wait() != 0]
+    records = []
+    for name in args.models:
+        partial = Path(args.out) / f".{name}.json"
+        if partial.exists():
+            records.append(json.loads(partial.read_text()))
+            partial.unlink()
+    report = {"command": command, "wall_seconds": round(time.time() - start, 1), "models": records}
+    (Path(args.out) / "zoo_train.json").write_text(json.dumps(report, indent=1) + "\n")
+    for r in records:
+        print(f"{r['model']:>9}: {100 * r['test_acc']:.2f} % on {r['test_images']} test images "
+              f"(float32 {100 * r['test_acc_float32']:.2f} %), {r['epochs']} epochs, {r['train_seconds']:.0f} s")
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

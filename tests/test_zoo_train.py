@@ -1,0 +1,131 @@
+"""The zoo trainer: augmentation on the device equals the per-image one, the recorded accuracy is the
+saved file's, float16 storage, a budget that is kept, and resume equals an uninterrupted run."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hbgs import zoo_train
+from hbgs.checkpoint import load_meta, load_model, save_model
+from hbgs.data import AugmentedImages, DeviceBatches, ImageDataModule, ImageSplit
+from hbgs.models import resnet20
+from hbgs.module import evaluate_accuracy
+
+MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+
+
+def random_split(n=10, size=8, seed=0) -> ImageSplit:
+    g = torch.Generator().manual_seed(seed)
+    return ImageSplit(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g), torch.arange(n))
+
+
+def test_device_crop_and_flip_equals_cropping_each_image_by_hand():
+    split = random_split()
+    batches = DeviceBatches(split, MEAN, STD, batch_size=10, augment=True, seed=3)
+    cropped = batches.crop_and_flip(split.images)
+    draws = torch.Generator().manual_seed(3)  # the same draws, in the same order
+    top, left = torch.randint(0, 9, (2, 10), generator=draws)
+    flip = torch.rand(10, generator=draws) < 0.5
+    assert 0 < flip.sum() < 10 and len(set(top.tolist())) > 1  # the draw exercises both branches
+    for i in range(10):
+        expected = F.pad(split.images[i], (4,) * 4)[:, top[i]:top[i] + 8, left[i]:left[i] + 8]
+        expected = expected.flip(-1) if flip[i] else expected
+        assert torch.equal(cropped[i], expected)
+
+
+def test_unaugmented_device_batches_equal_the_dataset_in_order():
+    split = random_split(n=10)
+    batches = DeviceBatches(split, MEAN, STD, batch_size=4, augment=False)
+    dataset = AugmentedImages(split, MEAN, STD, augment=False)
+    xs, ys = zip(*batches)
+    assert [len(y) for y in ys] == [4, 4, 2] and len(batches) == 3
+    assert torch.allclose(torch.cat(xs), torch.stack([dataset[i][0] for i in range(10)]), atol=1e-6)
+    assert torch.equal(torch.cat(ys), split.labels)
+
+
+def test_an_augmented_epoch_visits_every_image_once():
+    split = random_split(n=10)
+    labels = torch.cat([y for _, y in DeviceBatches(split, MEAN, STD, batch_size=3, augment=True, seed=1)])
+    assert sorted(labels.tolist()) == list(range(10)) and not torch.equal(labels, split.labels)
+
+
+def test_half_precision_file_loads_the_rounded_network(tmp_path):
+    model = resnet20().eval()
+    path = save_model(model, tmp_path / "m.pt", model_cfg={"_target_": "hbgs.models.resnet20", "num_classes": 10},
+                      half=True)
+    stored = torch.load(path, weights_only=True)["state_dict"]
+    assert stored["conv1.weight"].dtype == torch.float16 and stored["bn1.num_batches_tracked"].dtype == torch.int64
+    loaded = load_model(path)
+    assert loaded.conv1.weight.dtype == torch.float32
+    assert torch.equal(loaded.conv1.weight, model.conv1.weight.half().float())
+
+
+def test_plan_fits_the_time_left_and_never_stretches_late():
+    # 10 s per epoch, 100 s left: 9 more fit after the safety margin
+    assert zoo_train.plan_epochs(done=2, planned=200, max_epochs=200, last_epoch_seconds=10, seconds_left=100) == 11
+    assert zoo_train.plan_epochs(2, 200, 5, 10, 1000) == 5  # capped by the recipe
+    assert zoo_train.plan_epochs(2, 200, 200, 10, 5) == 2  # not one more fits: stop
+    assert zoo_train.plan_epochs(6, 10, 200, 1, 1000) == 10  # past half the plan: no longer
+    assert zoo_train.plan_epochs(6, 10, 200, 10, 20) == 7  # but shorter when time runs out
+    assert zoo_train.plan_epochs(0, 200, 30, 10, math.inf) == 30
+
+
+def tiny_args(tmp_path, cifar10_root, **extra):
+    argv = ["--models", "resnet20", "--device", "cpu", "--no-bf16", "--limit-train", "256", "--limit-test", "200",
+            "--max-epochs", "3", "--eval-every", "1", "--out", str(tmp_path), "--data-root", cifar10_root]
+    args = zoo_train.parse_args(argv + [x for k, v in extra.items() for x in (f"--{k}", str(v))])
+    args.deadline = math.inf
+    return args
+
+
+def test_trained_file_records_the_accuracy_it_scores(tmp_path, cifar10_root, one_thread):
+    record = zoo_train.train_one("resnet20", tiny_args(tmp_path, cifar10_root))
+    path = tmp_path / "resnet20-cifar10.pt"
+    meta = load_meta(path)
+    assert meta["epochs"] == 3 and [r["epoch"] for r in record["history"]] == [1, 2, 3]
+    assert record["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the schedule finished
+    dm = ImageDataModule(root=cifar10_root, calib_size=1000, limit_train=256, limit_test=200, seed=0)
+    assert evaluate_accuracy(load_model(path), dm.test_dataloader()) == meta["test_acc"]
+    assert not (tmp_path / ".resnet20-cifar10.state.pt").exists()  # a finished run leaves no state behind
+
+
+class Stop(Exception):
+    pass
+
+
+def test_resumed_training_ends_with_the_uninterrupted_weights(tmp_path, cifar10_root, one_thread, monkeypatch, capsys):
+    zoo_train.train_one("resnet20", tiny_args(tmp_path / "whole", cifar10_root))
+    whole = load_model(tmp_path / "whole" / "resnet20-cifar10.pt").state_dict()
+
+    save_state = zoo_train.save_state
+
+    def save_then_stop(path, **state):
+        save_state(path, **state)
+        if state["epoch"] == 1:
+            raise Stop
+
+    monkeypatch.setattr(zoo_train, "save_state", save_then_stop)
+    with pytest.raises(Stop):
+        zoo_train.train_one("resnet20", tiny_args(tmp_path / "cut", cifar10_root))
+    monkeypatch.setattr(zoo_train, "save_state", save_state)
+    args = tiny_args(tmp_path / "cut", cifar10_root)
+    args.resume = True
+    capsys.readouterr()
+    record = zoo_train.train_one("resnet20", args)
+    printed = capsys.readouterr().out
+    assert "resumed after epoch 1 of 3" in printed and "epoch 1 planned" not in printed  # it did not start over
+    resumed = load_model(tmp_path / "cut" / "resnet20-cifar10.pt").state_dict()
+    assert [r["epoch"] for r in record["history"]] == [1, 2, 3]
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_bad_flags_fail_before_any_work(capsys):
+    for argv, message in [(["--minutes", "0"], "--minutes=0.0 must be positive"),
+                          (["--models", "alexnet"], "invalid choice: 'alexnet'"),
+                          (["--device", "cuda"] if not torch.cuda.is_available() else ["--eval-every", "-1"],
+                           "no CUDA GPU" if not torch.cuda.is_available() else "--eval-every=-1")]:
+        with pytest.raises(SystemExit) as stop:
+            zoo_train.parse_args(argv)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
