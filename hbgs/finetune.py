@@ -14,7 +14,39 @@ import lightning as L
 import torch
 import torch.nn as nn
 
+from hbgs.errors import HbgsError
 from hbgs.module import Classifier
+
+# A fine-tune "collapsed" the network when calibration accuracy ends below chance + this margin
+# while it was at least this margin higher before (a diverging learning rate, not a pruning loss).
+COLLAPSE_MARGIN = 0.05
+
+
+class FinetuneDiverged(HbgsError):
+    """A fine-tune whose loss became NaN or infinite, or that collapsed the accuracy to chance."""
+
+
+class FiniteLossWatch(L.Callback):
+    """Ends a fine-tune at its first non-finite loss (``finetune`` then raises FinetuneDiverged):
+    further steps would only spread NaNs through the weights."""
+
+    def __init__(self):
+        self.bad: tuple[int, float] | None = None  # (step, loss) of the first non-finite loss
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and self.bad is None and not torch.isfinite(loss).all():
+            self.bad = (trainer.global_step, float(loss))
+            trainer.should_stop = True
+
+
+def check_not_collapsed(before: float, after: float, num_classes: int, what: str) -> None:
+    """FinetuneDiverged when a fine-tune took calibration accuracy from well above chance
+    (``before``) to about chance (``after``); ``what`` ends the message (e.g. "at lr=...")."""
+    chance = 1 / num_classes
+    if after < chance + COLLAPSE_MARGIN <= before - COLLAPSE_MARGIN:
+        raise FinetuneDiverged(f"calibration accuracy fell from {before:.1%} to {after:.1%}, chance being "
+                               f"{chance:.1%}, {what}")
 
 
 def finetune(model: nn.Module, datamodule, teacher: nn.Module | None, cfg, *, steps: int = 0, epochs: int = 0,
@@ -23,10 +55,12 @@ def finetune(model: nn.Module, datamodule, teacher: nn.Module | None, cfg, *, st
     CE + KL distillation from `teacher` at `cfg.kd_temperature`; return the steps taken.
 
     `cfg` is the `finetune` config (momentum, weight_decay, kd_*); `trainer_cfg` the `trainer`
-    config, of which only the device settings are used.
+    config, of which only the device settings are used. FinetuneDiverged when the loss becomes
+    NaN or infinite (the fine-tune stops at that step) or the weights are no longer finite.
     """
     if steps <= 0 and epochs <= 0:
         return 0
+    watch = FiniteLossWatch()
     module = Classifier(model, num_classes=datamodule.num_classes, lr=lr, momentum=cfg.momentum,
                         weight_decay=cfg.weight_decay, schedule="cosine", teacher=teacher,
                         kd_temperature=cfg.kd_temperature, kd_weight=cfg.kd_weight)
@@ -34,12 +68,17 @@ def finetune(model: nn.Module, datamodule, teacher: nn.Module | None, cfg, *, st
     with quiet_lightning(epochs == 0):
         trainer = L.Trainer(
             max_steps=steps if steps > 0 else -1, max_epochs=epochs if epochs > 0 else None,
-            logger=logger, callbacks=list(callbacks), enable_checkpointing=False, enable_model_summary=False,
+            logger=logger, callbacks=[*callbacks, watch], enable_checkpointing=False, enable_model_summary=False,
             enable_progress_bar=epochs > 0, limit_val_batches=0, num_sanity_val_steps=0,
             default_root_dir=default_root_dir, **device,
         )
         trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
     model.eval()
+    if watch.bad is not None:
+        step, loss = watch.bad
+        raise FinetuneDiverged(f"its loss became {loss} at step {step}, at lr={lr:g}")
+    if not all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()):
+        raise FinetuneDiverged(f"the weights are no longer finite, at lr={lr:g}")
     return trainer.global_step
 
 

@@ -3,16 +3,26 @@ and leave history.csv, summary.json, model.pt and PNG plots in the run directory
 
 Decisions use only the calibration split (held out from training); the test split is measured
 for the report, dense and pruned, before and after the final fine-tune.
+
+A run is seeded (``seed``) and keeps a resumable state after every round (``hbgs.run_state``):
+SIGINT, SIGTERM or ``stop_after_rounds`` stop it at a round boundary, and ``resume=<run dir>``
+continues it to the same result as a run never stopped. A fine-tune that diverges stops the run
+with the last good round's model kept as model.pt.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
+import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -21,17 +31,20 @@ from hbgs.bridgeout import regularizer_callbacks
 from hbgs.checkpoint import load_model, load_model_cfg, save_model
 from hbgs.errors import HbgsError
 from hbgs.export import export
-from hbgs.finetune import finetune, recalibrate_batchnorm
+from hbgs.finetune import FinetuneDiverged, check_not_collapsed, finetune, recalibrate_batchnorm
 from hbgs.loggers import build_logger
 from hbgs.module import evaluate_accuracy
 from hbgs.pruning import channel_widths, fold_identity_adapters, wrap_model
 from hbgs.pruning.acra import prune_uniform_fraction, sensitivity_allocation, uniform_allocation
 from hbgs.pruning.costs import ReferenceCosts, saved_cost
-from hbgs.pruning.hierarchical import hierarchical_prune, surgery_of
+from hbgs.pruning.hierarchical import build_pruner, run_rounds, surgery_of
 from hbgs.pruning.peers import PEER_CRITERIA, selector_name, torch_pruning_allocation
 from hbgs.pruning.removal import remove_by_ratios
 from hbgs.pruning.surgery import ChannelSurgery, layer_widths, require_torch_pruning
 from hbgs.reporting import LoggerRoundCallback, plot_accuracy_vs_flops, plot_widths, write_csv
+from hbgs.run_state import Resumed, RunState, StopRequests, library_versions, resume_command
+
+log = logging.getLogger("hbgs")
 
 CRITERIA = ("hbgs", "hbgts", "uniform", "sensitivity", "uniform_fraction", *PEER_CRITERIA)
 
@@ -81,7 +94,9 @@ class RoundReporter:
 
 
 class ShortFinetune:
-    """Loop callback: every `every` rounds, `steps` optimizer steps distilled from the original."""
+    """Loop callback: every `every` rounds, `steps` optimizer steps distilled from the original.
+    FinetuneDiverged when one diverges: a NaN/inf loss, or calibration accuracy that fell to
+    about chance from well above it (``finetune.check_not_collapsed``)."""
 
     def __init__(self, cfg: DictConfig, datamodule, teacher, trainer_cfg, run_dir: Path, callbacks=()):
         self.cfg, self.datamodule, self.teacher, self.trainer_cfg, self.run_dir = cfg, datamodule, teacher, trainer_cfg, run_dir
@@ -91,8 +106,11 @@ class ShortFinetune:
     def on_round_end(self, record, model) -> None:
         if self.cfg.every > 0 and self.cfg.steps > 0 and record.round % self.cfg.every == 0:
             start = time.perf_counter()
+            before = evaluate_accuracy(model, self.datamodule.val_dataloader())
             finetune(model, self.datamodule, self.teacher, self.cfg, steps=self.cfg.steps, lr=self.cfg.lr,
                      trainer_cfg=self.trainer_cfg, default_root_dir=self.run_dir, callbacks=self.callbacks)
+            after = evaluate_accuracy(model, self.datamodule.val_dataloader())
+            check_not_collapsed(before, after, self.datamodule.num_classes, f"at lr={self.cfg.lr:g}")
             self.seconds += time.perf_counter() - start
 
 
@@ -108,6 +126,40 @@ def target_of(criterion: DictConfig) -> tuple[float | None, float | None]:
 
 
 def prune(cfg: DictConfig, run_dir: Path) -> dict:
+    """stage=prune (see the module docstring). The run directory is ``resume`` itself when given
+    (``hbgs.run`` passes it)."""
+    stop = StopRequests(cfg.get("stop_after_rounds"), resume_command(run_dir))
+    try:
+        return _prune(cfg, run_dir, stop)
+    finally:
+        stop.disarm()
+
+
+@contextmanager
+def stopping_cleanly(state: RunState, run_dir: Path, stop: StopRequests, final: bool = False):
+    """The two ways a fine-tune ends a run early, each with one message and the run left usable:
+    SIGTERM (Lightning ends a fine-tune at once: the unfinished round or final fine-tune is
+    redone on resume) and divergence (the last good round's model kept as model.pt)."""
+    try:
+        yield
+    except SIGTERMException:
+        raise stop.stopped("SIGTERM received during a fine-tune", state.round, 128 + signal.SIGTERM) from None
+    except FinetuneDiverged as err:
+        where = "the final fine-tune" if final else f"round {(state.round or 0) + 1}'s fine-tune"
+        option, default = ("finetune.final_lr", "0.01") if final else ("finetune.lr", "0.001")
+        raise FinetuneDiverged(f"The run stopped: {where} diverged ({err}). {state.keep_last_good(run_dir)}; "
+                               f"use a smaller {option}, e.g. {option}={default} (the default)") from None
+
+
+def rounds_details(cfg: DictConfig, crit: str, history: list[dict], calib_batch: int) -> dict:
+    """The summary's ``details`` of an HBGS/HBGTS run, from its history (all rounds, resumed or not)."""
+    return {"rounds": len(history), "signal": cfg.criterion.get("signal") if crit == "hbgts" else None,
+            "score": cfg.criterion.get("score", "error"), "step": cfg.criterion.step, "calib_batch": calib_batch,
+            "propose_seconds": sum(r["propose_seconds"] for r in history),
+            "score_seconds": sum(r["score_seconds"] for r in history)}
+
+
+def _prune(cfg: DictConfig, run_dir: Path, stop: StopRequests) -> dict:
     crit = cfg.criterion.name
     if crit not in CRITERIA:
         raise HbgsError(f"Unknown criterion {crit!r}: use criterion=one of {', '.join(CRITERIA)}.")
@@ -116,16 +168,26 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
     if crit in PEER_CRITERIA:  # Torch-Pruning's own pruner (hbgs.pruning.peers), checked before anything loads;
         require_torch_pruning(f"criterion={crit}")  # it always removes channels: surgery= does not apply
         surgery = "remove"
+    config = OmegaConf.to_container(cfg, resolve=True)
+    resumed = Resumed.load(cfg.resume, config) if cfg.get("resume") is not None else None
+    # One seed for everything drawn from the global generators (the fine-tunes' batch order and
+    # augmentation): the same command and seed give the same run.
+    L.seed_everything(cfg.seed, workers=True)
     original, model_cfg = load_trained(cfg)
     datamodule = instantiate(cfg.dataset)
     datamodule.setup()
     input_size = datamodule.input_size
     test_loader, calib_loader = datamodule.test_dataloader(), datamodule.val_dataloader()
     reference = ReferenceCosts.measure(original, input_size)
-    model = copy.deepcopy(original).requires_grad_(True)
+    if resumed is None:
+        model = copy.deepcopy(original).requires_grad_(True)
+        if surgery == "adapters":
+            wrap_model(model)
+    else:  # the model as the last finished round left it (wrapped, or with channels removed)
+        model = resumed.load_model()
+        resumed.warn_if_versions_differ()
+        log.info("Resuming %s after %s", cfg.resume, f"round {resumed.round}" if resumed.round else "pruning")
     original.eval().requires_grad_(False)  # the reference and teacher: never trained
-    if surgery == "adapters":
-        wrap_model(model)
     method = selector_name(cfg.criterion.importance) if crit in PEER_CRITERIA else cfg.selector.method
     seed = cfg.seed
     metric = "params" if target_params is not None else "flops"
@@ -134,6 +196,11 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
                              run_dir / "history.csv")
     short_finetune = ShortFinetune(cfg.finetune, datamodule, original, cfg.trainer, run_dir,
                                    regularizer_callbacks(cfg.regularizer))
+    state = RunState(run_dir, config, resumed)
+    seconds_before = 0.0  # pruning time of the invocations before this one
+    if resumed is not None:
+        reporter.history = list(resumed.history)
+        short_finetune.seconds, seconds_before = resumed.seconds["short_finetunes"], resumed.seconds["pruning"]
     details: dict = {}
     recalibration = []  # BatchNorm statistics re-estimated after every round
     if cfg.finetune.get("bn_recalibrate", 0):
@@ -143,19 +210,38 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
     dense_test = evaluate_accuracy(original, test_loader)
     dense_calib = evaluate_accuracy(original, calib_loader)
     start = time.perf_counter()
-    if crit in ("hbgs", "hbgts"):
+
+    def pruning_seconds() -> float:
+        return seconds_before + time.perf_counter() - start
+
+    if resumed is not None and resumed.loop_done:  # the pruning was done: on to the final fine-tune
+        details = dict(resumed.details or {})
+        resumed.restore_rng()
+    elif crit in ("hbgs", "hbgts"):
         calib_x, calib_y = datamodule.calibration_batch(cfg.criterion.calib_batch)
-        records = hierarchical_prune(
+        pruner = build_pruner(
             model, original, calib_x, calib_y, criterion=crit, signal=cfg.criterion.get("signal", "features"),
-            method=method, step=cfg.criterion.step, min_channels=cfg.criterion.min_channels,
-            target_params=target_params, target_flops=target_flops, input_size=input_size, seed=seed,
-            callbacks=[*recalibration, short_finetune, reporter], surgery=surgery,
-            score=cfg.criterion.get("score", "error"))
-        details = {"rounds": len(records), "signal": cfg.criterion.get("signal") if crit == "hbgts" else None,
-                   "score": cfg.criterion.get("score", "error"),
-                   "step": cfg.criterion.step, "calib_batch": len(calib_y),
-                   "propose_seconds": sum(r.propose_seconds for r in records),
-                   "score_seconds": sum(r.score_seconds for r in records)}
+            method=method, step=cfg.criterion.step, min_channels=cfg.criterion.min_channels, input_size=input_size,
+            seed=seed, surgery=surgery, score=cfg.criterion.get("score", "error"))
+        metric, target = pruner.check_target(target_params, target_flops)  # builds modules: draws random numbers
+        if resumed is not None:  # where the next round starts: the loop's counters and the RNG states
+            pruner.restore(resumed.pruner)
+            resumed.restore_rng()
+            reporter.start = time.perf_counter() - (reporter.history[-1]["wall_seconds"] if reporter.history else 0)
+
+        def save_round(record, net) -> None:  # the last callback: all of the round (fine-tune, report) is done
+            state.save(net, model_cfg=model_cfg, round=record.round, loop_done=record.target_met,
+                       history=reporter.history, pruner=pruner.state(),
+                       seconds={"pruning": pruning_seconds(), "short_finetunes": short_finetune.seconds})
+            stop.check(record.round, record.target_met)
+
+        stop.arm()  # SIGINT/SIGTERM now stop the run at the next round boundary
+        try:
+            with stopping_cleanly(state, run_dir, stop):
+                run_rounds(pruner, metric, target, callbacks=[*recalibration, short_finetune, reporter, save_round])
+        finally:
+            reporter.close()  # the progress bar ends before any message
+        state.mark_loop_done()  # also when the loop ran out of candidates before the target
     elif crit == "uniform_fraction" and surgery == "remove":
         calib_x, _ = datamodule.calibration_batch(cfg.criterion.get("calib_batch", 256))
         groups = ChannelSurgery(model, calib_x[:1]).groups()
@@ -191,10 +277,16 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
         model = allocation.model
         details.update(target=allocation.target, tolerance_points=allocation.tolerance,
                        within_tolerance=allocation.within_tolerance, evaluations=allocation.evaluations)
-    if recalibration and crit not in ("hbgs", "hbgts"):  # one-shot criteria: once, after pruning
-        recalibrate_batchnorm(model, recal_x)
+    if crit in ("hbgs", "hbgts"):  # all the rounds, of this invocation and those before
+        details = rounds_details(cfg, crit, reporter.history,
+                                 min(cfg.criterion.calib_batch, len(datamodule.splits["calibration"])))
+    elif resumed is None:  # one-shot criteria: recalibrated once, after pruning, then resumable from there
+        if recalibration:
+            recalibrate_batchnorm(model, recal_x)
+        state.save(model, model_cfg=model_cfg, round=0, loop_done=True, history=[], pruner=None, details=details,
+                   seconds={"pruning": pruning_seconds(), "short_finetunes": 0.0})
     details["bn_recalibrate_images"] = len(recal_x) if recalibration else 0
-    prune_seconds = time.perf_counter() - start
+    prune_seconds = pruning_seconds()
     reporter.close()
     widths = ({name: vars(w) for name, w in channel_widths(model).items()} if surgery == "adapters"
               else layer_widths(model, original))
@@ -207,9 +299,19 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
 
     pruned_test = evaluate_accuracy(model, test_loader)
     start = time.perf_counter()
-    final_steps = finetune(model, datamodule, original, cfg.finetune, epochs=cfg.finetune.final_epochs,
-                           lr=cfg.finetune.final_lr, trainer_cfg=cfg.trainer, logger=logger, default_root_dir=run_dir,
-                           callbacks=regularizer_callbacks(cfg.regularizer))
+    stop.arm()  # a stop asked for during the final fine-tune ends it; resume= redoes it
+    with stopping_cleanly(state, run_dir, stop, final=True):
+        final_steps = finetune(model, datamodule, original, cfg.finetune, epochs=cfg.finetune.final_epochs,
+                               lr=cfg.finetune.final_lr, trainer_cfg=cfg.trainer, logger=logger,
+                               default_root_dir=run_dir,
+                               callbacks=[*regularizer_callbacks(cfg.regularizer), stop.lightning_callback()])
+        if stop.signal is not None:
+            raise stop.stopped(f"{stop.signal.name} received during the final fine-tune", state.round,
+                               128 + int(stop.signal))
+        if final_steps:
+            check_not_collapsed(reporter.history[-1]["calib_acc"], evaluate_accuracy(model, calib_loader),
+                                datamodule.num_classes, f"at lr={cfg.finetune.final_lr:g}")
+    stop.disarm()  # what is left takes seconds: signals have their usual effect again
     final_seconds = time.perf_counter() - start
     fold_identity_adapters(model)  # fine-tuning may have moved adapters that can be merged exactly
     finetuned_test = evaluate_accuracy(model, test_loader) if final_steps else pruned_test
@@ -246,6 +348,10 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
         "export": export_report.as_dict(),
         "details": details,
         "regularizer": OmegaConf.to_container(cfg.regularizer, resolve=True),  # during fine-tuning
+        "seed": cfg.seed,
+        "resumed_after_rounds": state.resumes,  # where earlier invocations of this run stopped
+        "versions": library_versions(),
+        "config": config,  # the full resolved config
     }
     meta = {"pruned_from": summary["checkpoint"], "criterion": crit, "selector": method,
             "test_acc": finetuned_test, "dataset": cfg.dataset.name, "input_size": list(input_size)}
@@ -261,6 +367,7 @@ def prune(cfg: DictConfig, run_dir: Path) -> dict:
     summary["outputs"] = {k: str(v) for k, v in plots.items()} | {"model": str(run_dir / "model.pt"),
                                                                    "model_exported": str(run_dir / "model_exported.pt"),
                                                                    "history": str(run_dir / "history.csv")}
+    state.remove()  # finished: model.pt and the rest replace the resumable state
     return summary
 
 

@@ -105,13 +105,11 @@ def robustness_curves(models: Mapping[str, nn.Module], fractions: Sequence[float
 
 
 def checkpoints_of(cfg: DictConfig) -> dict[str, str]:
-    """label → model file: ``robustness.checkpoints``, or ``ckpt`` alone labelled by its folder."""
+    """label → model file: ``robustness.checkpoints``, or ``ckpt`` alone labelled by its folder
+    (hbgs.validation made sure there is one or the other)."""
     given = OmegaConf.to_container(cfg.robustness.checkpoints, resolve=True) if cfg.robustness.checkpoints else {}
     if not given and cfg.ckpt is not None:
         given = {Path(cfg.ckpt).stem: cfg.ckpt}
-    if not given:
-        raise HbgsError("stage=robustness needs models: pass ckpt=<model.pt>, or several as "
-                        "'robustness.checkpoints={plain: a/model.pt, bridgeout: b/model.pt}'")
     return {str(label): str(path) for label, path in given.items()}
 
 

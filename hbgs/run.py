@@ -30,13 +30,18 @@ def flat_scalars(data: dict, prefix: str = "", skip=("widths", "sensitivity", "m
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
+    from hbgs.validation import validate
+
+    try:  # every option, before the stage's modules (Lightning: seconds) are imported or anything is read
+        validate(cfg)
+    except HbgsError as e:
+        log.error("%s", e)
+        sys.exit(2)
     from hbgs.loggers import finish_wandb
+    from hbgs.run_state import RunStopped, resumed_run_dir, write_atomically
     from hbgs.stages import STAGES, write_json
     from hbgs.zoo import resolve_ckpt
 
-    if cfg.stage not in STAGES:
-        log.error("Unknown stage=%s: use one of %s.", cfg.stage, ", ".join(STAGES))
-        sys.exit(2)
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     if cfg.threads is not None:  # e.g. threads=1 for parallel jobs sharing a machine's cores
@@ -45,8 +50,13 @@ def main(cfg: DictConfig) -> dict | None:
         if cfg.stage != "train":  # training starts from scratch (or resume=); the others read ckpt
             choices = hydra_cfg.runtime.choices
             cfg.ckpt = resolve_ckpt(cfg.ckpt, choices.get("model"), choices.get("dataset"))
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        if cfg.stage == "prune" and cfg.get("resume") is not None:  # a prune run continues in its own directory
+            run_dir = resumed_run_dir(cfg)
+        write_atomically(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # may replace a resumed run's
         summary = STAGES[cfg.stage](cfg, run_dir)
+    except RunStopped as e:  # a prune run stopped at a round boundary (a signal, stop_after_rounds): resumable
+        log.warning("%s", e)
+        sys.exit(e.exit_code)
     except HbgsError as e:
         log.error("%s", e)
         sys.exit(2)

@@ -17,7 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 from hbgs.accounting import count_macs, count_params, measure_latencies
 from hbgs.bridgeout import regularizer_callbacks
 from hbgs.checkpoint import load_meta, load_model, save_model
-from hbgs.errors import HbgsError
 from hbgs.loggers import build_logger
 from hbgs.module import Classifier, evaluate_accuracy
 
@@ -45,9 +44,8 @@ def measurements(model, datamodule, test_acc: float) -> dict:
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """Train a baseline from scratch (or resume one), test it, save model.pt."""
-    if cfg.resume is not None and not Path(cfg.resume).is_file():
-        raise HbgsError(f"resume={cfg.resume} does not exist: give a Lightning checkpoint such as <run dir>/checkpoints/last.ckpt.")
+    """Train a baseline from scratch (or resume one), test it, save model.pt. The options were
+    checked by hbgs.validation."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.dataset)
     model = instantiate(cfg.model)
@@ -79,9 +77,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
 def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     """Accuracy on the test split, params, FLOPs (MACs) and latency of a saved model (CPU, and
-    GPU when there is one)."""
-    if cfg.ckpt is None:
-        raise HbgsError("stage=eval needs a model: pass ckpt=<path to model.pt> (stage=train writes one).")
+    GPU when there is one). hbgs.validation made sure there is a ckpt."""
     model = load_model(cfg.ckpt)
     meta = load_meta(cfg.ckpt) or {}
     datamodule = instantiate(cfg.dataset)

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hbgs.data import find_cifar10_root
 
@@ -48,3 +49,13 @@ def trained_run(tmp_path_factory):
                    f"hydra.run.dir={run_dir}", *QUICK)
     assert out.returncode == 0, out.stderr[-3000:]
     return run_dir
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread while the test runs (restored after): for tests of many tiny
+    tensor operations, which thread hand-shakes slow down 10-30 fold when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -94,7 +94,7 @@ def test_train_with_bridgeout_saves_a_plain_model(tmp_path):
     (["model=vgg16"], "the zoo has no vgg16 trained on cifar10"),
     (["stage=eval", "ckpt=/no/such/model.pt"], "stage=train"),
     (["stage=prune", "ckpt=null"], "stage=prune needs a trained model"),
-    (["stage=fly"], "use one of train, eval, prune, robustness"),
+    (["stage=fly"], "must be one of train, eval, prune, robustness"),
     (["stage=robustness", "ckpt=null"], "stage=robustness needs models"),
     (["stage=robustness", "ckpt=zoo/resnet20-cifar10.pt", "robustness.methods=[l3]"], "unknown robustness method"),
     (["stage=train", "regularizer=bridgeout", "regularizer.p=1.5"], "bridgeout p"),

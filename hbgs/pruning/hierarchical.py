@@ -302,6 +302,15 @@ class HierarchicalPruner:
         metric, target = self.check_target(target_params, target_flops)
         return run_rounds(self, metric, target, callbacks, max_rounds)
 
+    def state(self) -> dict:
+        """What a resumed run needs besides the model to continue this loop (caches are rebuilt
+        from the model, with the same values): plain data for ``restore``."""
+        return {"rounds": self.rounds}
+
+    def restore(self, state: dict) -> None:
+        """Continue from ``state()`` of a loop that ran on the model this one was given."""
+        self.rounds = state["rounds"]
+
     def check_target(self, target_params, target_flops) -> tuple[str, float]:
         """``(metric, target)`` after checking the target against the network; HbgsError if it
         is missing, not positive, already met or out of reach. Changes nothing."""
@@ -527,22 +536,27 @@ def hierarchical_prune(model: nn.Module, original: nn.Module, calib_x: torch.Ten
     ``use_cache`` does not apply). ``score``: ``error`` (the paper's) or ``error_per_cost`` (the
     error's increase per unit of the target metric saved, ``per_cost``).
     """
+    pruner = build_pruner(model, original, calib_x, calib_y, criterion=criterion, signal=signal,
+                          method=method, step=step, min_channels=min_channels,
+                          input_size=input_size, seed=seed, use_cache=use_cache,
+                          chunk_size=chunk_size, surgery=surgery, score=score)
+    return pruner.run(target_params=target_params, target_flops=target_flops,
+                      callbacks=callbacks, max_rounds=max_rounds)
+
+
+def build_pruner(model: nn.Module, original: nn.Module, calib_x: torch.Tensor,
+                 calib_y: torch.Tensor | None, *, surgery: str = "adapters", use_cache: bool = True,
+                 **kwargs):
+    """The loop object behind ``hierarchical_prune`` (same arguments but the target, callbacks
+    and ``max_rounds``, which go to its ``run``): a ``HierarchicalPruner`` or, for
+    ``surgery="remove"``, a ``removal.RemovalPruner``. Both have ``state()`` and ``restore()``
+    for a run that continues where another stopped (``hbgs.run_state``)."""
     check_choice("surgery", surgery, SURGERIES)
     if surgery == "remove":
         from hbgs.pruning.removal import RemovalPruner
 
-        pruner = RemovalPruner(model, original, calib_x, calib_y, criterion=criterion,
-                               signal=signal, method=method, step=step,
-                               min_channels=min_channels, input_size=input_size, seed=seed,
-                               chunk_size=chunk_size, score=score)
-        return pruner.run(target_params=target_params, target_flops=target_flops,
-                          callbacks=callbacks, max_rounds=max_rounds)
-    pruner = HierarchicalPruner(model, original, calib_x, calib_y, criterion=criterion,
-                                signal=signal, method=method, step=step,
-                                min_channels=min_channels, input_size=input_size, seed=seed,
-                                use_cache=use_cache, chunk_size=chunk_size, score=score)
-    return pruner.run(target_params=target_params, target_flops=target_flops,
-                      callbacks=callbacks, max_rounds=max_rounds)
+        return RemovalPruner(model, original, calib_x, calib_y, **kwargs)
+    return HierarchicalPruner(model, original, calib_x, calib_y, use_cache=use_cache, **kwargs)
 
 
 def relative_error(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:

@@ -75,6 +75,14 @@ class RemovalPruner:
         metric, target = self.check_target(target_params, target_flops)
         return run_rounds(self, metric, target, callbacks, max_rounds)
 
+    def state(self) -> dict:
+        """As ``HierarchicalPruner.state``, with the original channels still present at the end
+        of the network (the ``features`` signal's; the model alone does not tell which)."""
+        return {"rounds": self.rounds, "end_kept": self._end_kept}
+
+    def restore(self, state: dict) -> None:
+        self.rounds, self._end_kept = state["rounds"], state.get("end_kept")
+
     def check_target(self, target_params, target_flops) -> tuple[str, float]:
         """``(metric, target)``; HbgsError if the target is missing, met or out of reach."""
         metric, target = parse_target(target_params, target_flops)
@@ -176,7 +184,8 @@ class RemovalPruner:
             return
         if self.signal == "features":
             self._end = last_batchnorm(self.original, self.calib_x[:1])
-            self._end_kept = list(range(self.original.get_submodule(self._end).num_features))
+            if self._end_kept is None:  # a restored run brings the channels its rounds left
+                self._end_kept = list(range(self.original.get_submodule(self._end).num_features))
         self._original_signal = [self._signal(self.original, self.calib_x[s]) for s in self.chunks]
 
     def _signal(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
