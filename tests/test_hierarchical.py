@@ -13,14 +13,16 @@ from hbgs.errors import HbgsError
 from hbgs.models import resnet18, resnet20, resnet56, resnext29_2x32d, vgg16
 from hbgs.models.resnet_cifar import CifarResNet
 from hbgs.models.vgg import CifarVGG
-from hbgs.pruning import (apply, channel_widths, fold_identity_adapters, propose, pruned,
-                          with_identity_adapters, wrap_model)
+from hbgs.pruning import (AdaptedConv, apply, channel_widths, fold_identity_adapters, propose,
+                          pruned, with_identity_adapters, wrap_model)
 from hbgs.pruning.acra import prune_uniform_fraction
 from hbgs.pruning.costs import ReferenceCosts, saved_cost
 from hbgs.pruning.hierarchical import (HierarchicalPruner, channels_to_remove,
                                        hierarchical_prune, smallest_reachable_cost,
                                        smallest_width)
+from hbgs.pruning.removal import RemovalPruner, removed_channels
 from hbgs.pruning.suffix import FullNetworkEvaluator, SuffixCache, last_batchnorm, trace
+from hbgs.pruning.surgery import ChannelSurgery
 
 RESNET20 = {"_target_": "hbgs.models.resnet20", "num_classes": 10}
 
@@ -375,3 +377,192 @@ def test_bad_input_raises_before_anything_changes(kwargs, message):
         hierarchical_prune(model, original, torch.randn(4, 3, 32, 32), None, **kwargs)
     assert same_state(model, before) and model.training
     assert channel_widths(model) == channel_widths(before)
+
+
+# -- every candidate's score recomputed independently, after several rounds -------------------
+#
+# The references below share nothing with the scoring code under test (no suffix cache, no
+# ``capture``/``end_signal``/``last_batchnorm``/``relative_error``): forward hooks and whole
+# forwards of deep copies, in float64, on the whole calibration batch at once while the pruners
+# score it in chunks. Only the candidates themselves are built by the lower level (``propose`` +
+# ``pruned``; ``ChannelSurgery.propose`` + ``removed_copy``), which test_pruning_core.py and
+# test_surgery.py check on their own.
+
+def hooked_forward(model: nn.Module, x: torch.Tensor, names=()):
+    """``model(x)`` (eval mode, no gradients) and the input and output of every module in
+    ``names``, copied by forward hooks as the modules run."""
+    inputs, outputs = {}, {}
+
+    def hook(name):
+        def record(module, args, output):
+            inputs[name], outputs[name] = args[0].clone(), output.clone()
+        return record
+
+    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
+    try:
+        model.eval()
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, inputs, outputs
+
+
+def norm_ratio(pairs) -> float:
+    """||(a₁, a₂, …) − (b₁, b₂, …)|| / ||(b₁, b₂, …)|| over all pairs taken as one vector."""
+    a = torch.cat([a.double().flatten() for a, _ in pairs])
+    b = torch.cat([b.double().flatten() for _, b in pairs])
+    return (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)).item()
+
+
+def end_score(signal: str, logits, features, original_logits, original_features, y) -> float:
+    if signal == "loss":
+        return nn.functional.cross_entropy(logits.double(), y).item()  # mean over the batch
+    if signal == "logits":
+        return norm_ratio([(logits, original_logits)])
+    return norm_ratio([(features, original_features)])
+
+
+def adapter_scores_by_hand(model, original, x, y, criterion, signal, step, end):
+    """``"layer:side" → score`` of every candidate of the next adapter round, plus (HBGS) the
+    same layer errors measured against the CURRENT layer's output instead of the original's."""
+    layers = [n for n, m in model.named_modules() if isinstance(m, AdaptedConv)]
+    _, inputs, current_outputs = hooked_forward(model, x, layers)
+    original_logits, _, original_outputs = hooked_forward(original, x, [*layers, end])
+    scores, against_current = {}, {}
+    for name in layers:
+        layer = model.get_submodule(name)
+        for side in ("out", "in"):
+            width = layer.conv.out_channels if side == "out" else layer.conv.in_channels
+            if width - step < 1:
+                continue
+            candidate = pruned(layer, side, propose(layer, side, step, "backward"))
+            key = f"{name}:{side}"
+            if criterion == "hbgs":
+                with torch.no_grad():
+                    output = candidate(inputs[name])
+                scores[key] = norm_ratio([(output, original_outputs[name])])
+                against_current[key] = norm_ratio([(output, current_outputs[name])])
+                continue
+            trial = copy.deepcopy(model)
+            trial.set_submodule(name, candidate)
+            logits, _, outputs = hooked_forward(trial, x, [end])
+            scores[key] = end_score(signal, logits, outputs[end], original_logits,
+                                    original_outputs[end], y)
+    return scores, against_current
+
+
+def nudge(model: nn.Module, conv: str, bn: str) -> None:
+    """A stand-in for a fine-tune between rounds: one conv's weights and one BatchNorm's
+    running mean change in place."""
+    with torch.no_grad():
+        model.get_submodule(conv).weight.mul_(1.05)
+        model.get_submodule(bn).running_mean.add_(0.05)
+
+
+def assert_scores_agree(record, expected) -> None:
+    assert record.scores.keys() == expected.keys()
+    for key, score in expected.items():
+        assert record.scores[key] == pytest.approx(score, rel=1e-6, abs=1e-12), (record.round, key)
+    best = min(expected, key=expected.get)
+    assert f"{record.layer}:{record.side}" == best
+    assert record.score == pytest.approx(expected[best], rel=1e-6, abs=1e-12)
+
+
+SMALL_RESNET_END = "layer3.2.bn2"  # the last BatchNorm2d to run in CifarResNet's forward
+
+
+@pytest.mark.parametrize("criterion,signal", [("hbgs", "features"), ("hbgts", "features"),
+                                              ("hbgts", "logits"), ("hbgts", "loss")])
+@pytest.mark.usefixtures("one_thread")
+def test_adapter_scores_equal_an_independent_recomputation_after_several_rounds(criterion,
+                                                                                 signal):
+    torch.manual_seed(8)
+    original = randomised(CifarResNet(20, widths=(8, 16, 32))).double()
+    x = torch.randn(12, 3, 16, 16, dtype=torch.float64)
+    y = torch.randint(0, 10, (12,))
+    model = wrapped(original)
+    pruner = HierarchicalPruner(model, original, x, y, criterion=criterion, signal=signal,
+                                step=2, input_size=(3, 16, 16), chunk_size=5)
+    for round_ in range(1, 5):
+        expected, against_current = adapter_scores_by_hand(model, original, x, y, criterion,
+                                                           signal, 2, SMALL_RESNET_END)
+        if criterion == "hbgs" and round_ >= 3:  # the reference matters: the check can fail
+            assert max(abs(expected[k] - against_current[k]) for k in expected) > 1e-3
+        record = pruner.run_round()
+        assert record.round == round_
+        assert_scores_agree(record, expected)
+        nudge(model, "layer2.1.conv1.conv", "layer1.2.bn1")
+    assert len({r for r, w in channel_widths(model).items()
+                if (w.out_current, w.in_current) != (w.out_original, w.in_original)}) >= 2
+
+
+def surviving_channels(now: nn.BatchNorm2d, before: nn.BatchNorm2d) -> list[int]:
+    """The channels of ``before`` that ``now`` still has, told apart by their (randomised,
+    distinct) affine parameters and running statistics, which removal copies unchanged."""
+    def rows(bn):
+        return [tuple(v.item() for v in values) for values in
+                zip(bn.weight, bn.bias, bn.running_mean, bn.running_var)]
+    index = {row: i for i, row in enumerate(rows(before))}
+    assert len(index) == before.num_features
+    return [index[row] for row in rows(now)]
+
+
+def removal_scores_by_hand(model, original, x, y, criterion, signal, step, end):
+    """``"root:out" → score`` of every candidate group of the next ``surgery=remove`` round."""
+    def in_width(module):
+        return module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
+
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    current_logits, _, current_outputs = hooked_forward(model, x, layers)
+    original_logits, _, original_outputs = hooked_forward(original, x, [end])
+    surgery = ChannelSurgery(model, x[:1])
+    scores = {}
+    for group in surgery.groups():
+        if group.width - step < 1:
+            continue
+        removed = removed_channels(group, surgery.propose(group, step, "backward").keep)
+        clone, _ = surgery.removed_copy(group.root, removed, x)
+        if criterion == "hbgs":  # the layers reading the removed channels, against now
+            readers = [n for n in layers if getattr(clone.get_submodule(n), "groups", 1) == 1
+                       and in_width(clone.get_submodule(n)) < in_width(model.get_submodule(n))]
+            logits, _, outputs = hooked_forward(clone, x, readers)
+            scores[f"{group.root}:out"] = norm_ratio(
+                [(outputs[n], current_outputs[n]) for n in readers] or
+                [(logits, current_logits)])
+            continue
+        logits, _, outputs = hooked_forward(clone, x, [end])
+        features = outputs[end]
+        kept = surviving_channels(clone.get_submodule(end), original.get_submodule(end))
+        full = features.new_zeros(original_outputs[end].shape)  # removed channels read as zeros
+        full[:, kept] = features
+        scores[f"{group.root}:out"] = end_score(signal, logits, full, original_logits,
+                                                original_outputs[end], y)
+    return scores
+
+
+@pytest.mark.parametrize("criterion,signal", [("hbgs", "features"), ("hbgts", "features"),
+                                              ("hbgts", "logits"), ("hbgts", "loss")])
+@pytest.mark.usefixtures("one_thread")
+def test_removal_scores_equal_an_independent_recomputation_after_several_rounds(criterion,
+                                                                                 signal):
+    torch.manual_seed(9)
+    original = randomised(PlainNet(), seed=9).double()
+    dead = [3, 8]  # two dead channels of the end map, which cost nothing to remove: once they
+    with torch.no_grad():  # are gone, channel i of the end map is no longer original channel i
+        original.c.weight[dead] = 0
+        original.bns[3].bias[dead] = 0
+        original.bns[3].running_mean[dead] = 0
+    x = torch.randn(12, 3, 16, 16, dtype=torch.float64)
+    y = torch.randint(0, 10, (12,))
+    model = copy.deepcopy(original)
+    pruner = RemovalPruner(model, original, x, y, criterion=criterion, signal=signal, step=2,
+                           input_size=(3, 16, 16), chunk_size=5)
+    for round_ in range(1, 6):
+        expected = removal_scores_by_hand(model, original, x, y, criterion, signal, 2, "bns.3")
+        record = pruner.run_round()
+        assert record.round == round_
+        assert_scores_agree(record, expected)
+        nudge(model, "b", "bns.1")
+    assert model.c.out_channels < 16  # the end map lost channels

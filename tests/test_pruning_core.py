@@ -105,7 +105,9 @@ def random_filters(n, d, seed=0):
     return torch.randn(n, d, generator=g, dtype=torch.float64) * scale
 
 
-@pytest.mark.parametrize("n,d,n_keep", [(8, 20, 3), (12, 12, 4), (16, 6, 3), (10, 40, 1)])
+@pytest.mark.parametrize("n,d,n_keep", [(8, 20, 3), (12, 12, 4), (16, 6, 3), (10, 40, 1),
+                                        (48, 40, 10)])  # 38 removals: past the refresh at 32
+@pytest.mark.usefixtures("one_thread")
 def test_backward_removes_the_brute_force_best_filter_at_every_step(n, d, n_keep):
     F = random_filters(n, d, seed=n + d)
     selection = select_filters(F, n_keep, "backward")
@@ -125,7 +127,10 @@ def test_backward_removes_the_brute_force_best_filter_at_every_step(n, d, n_keep
     assert selection.error == pytest.approx(lstsq_error(F, kept), rel=1e-6)
 
 
-@pytest.mark.parametrize("n,d,n_keep", [(12, 30, 5), (16, 6, 3), (20, 9, 9)])
+# The last three run past the exact recomputation of the fast version's norms every 32 removals
+# (_REFRESH): 48 removals, 60 (with the ridge, n > d) and 90 (two refreshes).
+@pytest.mark.parametrize("n,d,n_keep", [(12, 30, 5), (16, 6, 3), (20, 9, 9), (64, 40, 16),
+                                        (80, 30, 20), (100, 120, 10)])
 def test_naive_backward_makes_the_same_choices(n, d, n_keep):
     F = random_filters(n, d, seed=3)
     fast, naive = select_filters(F, n_keep, "backward"), backward_naive(F, n_keep)
@@ -273,7 +278,8 @@ def plant(conv, side, n_dependent, seed=0):
             rows = block if side == "out" else block.transpose(0, 1)  # a view: writes reach the weight
             order = torch.randperm(rows.shape[0], generator=g)
             dependent, basis = order[:n_dependent], order[n_dependent:]
-            mix = torch.randn(n_dependent, basis.numel(), generator=g) / basis.numel() ** 0.5
+            mix = (torch.randn(n_dependent, basis.numel(), generator=g) /
+                   basis.numel() ** 0.5).to(rows.dtype)
             rows[dependent] = torch.einsum("db,bihw->dihw", mix, rows[basis])
 
 
@@ -299,6 +305,86 @@ def test_removing_planted_dependent_channels_keeps_the_outputs(side, layer, bias
     # a random (not planted) conv in the same model loses accuracy: the check above can fail
     prune_conv(model, "layer1.1.conv1", "out", 5)
     assert max_rel_diff(model(x), expected) > 1e-3
+
+
+def assert_planted(conv, side, rank):
+    """The channels on ``side`` of ``conv`` span a space of dimension ``rank`` (and no more)."""
+    rows = conv.weight.detach() if side == "out" else conv.weight.detach().transpose(0, 1)
+    singular = torch.linalg.svdvals(rows.flatten(1))
+    assert singular[rank - 1] > 1e-6 * singular[0] and singular[rank:].max() < 1e-12 * singular[0]
+
+
+def is_identity(adapter):
+    matrix = adapter.weight.flatten(1)
+    return matrix.shape[0] == matrix.shape[1] and torch.equal(
+        matrix, torch.eye(len(matrix), dtype=matrix.dtype)) and (
+        adapter.bias is None or not adapter.bias.any())
+
+
+# Compensation beyond a layer's first prune: from then on the adapter it folds into is no
+# longer the identity (G = Λ₁, P = Λ₁ᵀ) and, with a conv bias, the out-adapter's bias is no
+# longer zero, so an update that drops G, P or the old β only shows from the second prune on.
+# float64, so that "exact" means round-off.
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("side,layer", [("out", "layer1.0.conv1"), ("in", "layer1.0.conv2"),
+                                        ("out", "layer2.0.conv2"), ("in", "layer2.0.conv1")])
+@pytest.mark.usefixtures("one_thread")
+def test_pruning_a_planted_side_twice_keeps_the_outputs_each_time(side, layer, bias):
+    model = randomised(TinyResNet(bias=bias)).double()
+    conv = model.get_submodule(layer)
+    if bias:
+        nn.init.uniform_(conv.bias, -1, 1)
+    plant(conv, side, 8)  # 8 dependent channels: two prunes of 4
+    width = conv.out_channels if side == "out" else conv.in_channels
+    assert_planted(conv, side, width - 8)
+    x = images().double()
+    expected = model(x)
+    wrap_model(model)
+    wrapped = model.get_submodule(layer)
+    for prune in (1, 2):
+        if prune == 2:  # what the second prune folds into is no longer trivial
+            adapter = wrapped.out_adapter if side == "out" else wrapped.in_adapter
+            assert not is_identity(adapter)
+            if side == "out" and bias:
+                assert adapter.bias.abs().max() > 1e-3
+        selection = prune_conv(model, layer, side, 4)
+        assert selection.error < 1e-20 * conv.weight.square().sum().item()
+        current = wrapped.conv.out_channels if side == "out" else wrapped.conv.in_channels
+        assert current == width - 4 * prune
+        assert max_rel_diff(model(x), expected) < 1e-10, prune
+    # negative control: no dependent channel is left, so a third prune changes the outputs
+    prune_conv(model, layer, side, 1)
+    assert max_rel_diff(model(x), expected) > 1e-4
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("sides", [("out", "in"), ("in", "out")], ids=["out-in", "in-out"])
+@pytest.mark.usefixtures("one_thread")
+def test_pruning_both_planted_sides_in_turn_keeps_the_outputs_each_time(sides, bias):
+    layer = "layer1.1.conv1"
+    model = randomised(TinyResNet(bias=bias)).double()
+    conv = model.get_submodule(layer)
+    if bias:
+        nn.init.uniform_(conv.bias, -1, 1)
+    plant(conv, "out", 5, seed=1)
+    plant(conv, "in", 5, seed=2)  # mixing input slices keeps the output filters' dependencies
+    assert_planted(conv, "out", 11)
+    assert_planted(conv, "in", 11)
+    x = images().double()
+    expected = model(x)
+    wrap_model(model)
+    wrapped = model.get_submodule(layer)
+    for side in sides:
+        selection = prune_conv(model, layer, side, 5)
+        assert selection.error < 1e-20 * conv.weight.square().sum().item()
+        assert max_rel_diff(model(x), expected) < 1e-10, side
+    assert (wrapped.conv.out_channels, wrapped.conv.in_channels) == (11, 11)
+    assert not is_identity(wrapped.in_adapter) and not is_identity(wrapped.out_adapter)
+    for side in sides:  # negative control: one more channel on either side is not free
+        trial = copy.deepcopy(model)
+        prune_conv(trial, layer, side, 1)
+        assert max_rel_diff(trial(x), expected) > 1e-4, side
 
 
 @pytest.mark.parametrize("side", ["out", "in"])
