@@ -29,16 +29,19 @@ def count_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def count_macs(model: nn.Module, input_size=(3, 32, 32)) -> int:
-    """Multiply-accumulates of conv and linear layers for one image of `input_size`."""
+    """Multiply-accumulates of conv and linear layers for one image of `input_size`, counted
+    where ``model`` is (its first weight's device and dtype); every submodule's mode is
+    restored afterwards."""
     param = next(model.parameters())
     x = torch.zeros(1, *input_size, dtype=param.dtype, device=param.device)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with FlopCounterMode(display=False) as counter:
             model(x)
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     flops = sum(n for op, n in counter.get_flop_counts()["Global"].items() if op.__name__.split(".")[0] in COUNTED_OPS)
     return flops // 2
 

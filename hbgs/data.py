@@ -208,6 +208,7 @@ class ImageDataModule(L.LightningDataModule):
         self.calib_size, self.seed, self.limit_train, self.limit_test = calib_size, seed, limit_train, limit_test
         self.mean, self.std, self.image_size, self.cache_dir = mean, std, image_size, cache_dir
         self.splits: dict[str, ImageSplit] = {}
+        self._device_batches: DeviceBatches | None = None  # train_batches on a GPU, built once
 
     def prepare_data(self) -> None:
         if self.download and not is_image_folder(self.root):
@@ -261,6 +262,22 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True, self.batch_size)
+
+    def train_batches(self, device="cpu") -> DataLoader | DeviceBatches:
+        """Training batches for a model on ``device``. On a GPU: ``DeviceBatches``, the split
+        copied there once as uint8 and cropped and flipped there (a DataLoader cropping one image
+        at a time in Python starves it), reseeded from torch's global generator at every call so
+        a seeded run draws the same batches. Elsewhere, or with ``image_size`` (resized on the
+        CPU): ``train_dataloader()``."""
+        device = torch.device(device)
+        if device.type != "cuda" or self.image_size is not None:
+            return self.train_dataloader()
+        self.setup()
+        if self._device_batches is None or self._device_batches.device != device:
+            self._device_batches = DeviceBatches(self.splits["train"], self.mean, self.std, self.batch_size,
+                                                 augment=True, device=device)
+        self._device_batches.generator.manual_seed(int(torch.randint(2**62, ())))
+        return self._device_batches
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("calibration", False, self.eval_batch_size)

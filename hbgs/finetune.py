@@ -2,7 +2,9 @@
 
 Every call builds a fresh Classifier and Trainer, hence a fresh optimizer: pruning replaces
 parameters, so optimizer state from before a prune step would not match (Torch-Pruning users
-learnt this the hard way).
+learnt this the hard way). Rebuilding is cheap beside a round (4-7 s for ResNet-20 here): on
+the 2-core CPU, a Classifier and Trainer took 11 ms to build (median of 20 builds), and a fit's
+fixed cost beside its steps was about 0.2 s (1-step against 4-step fits).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import lightning as L
 import torch
 import torch.nn as nn
 
+from hbgs.devices import module_device
 from hbgs.errors import HbgsError
 from hbgs.module import Classifier
 
@@ -55,11 +58,17 @@ def finetune(model: nn.Module, datamodule, teacher: nn.Module | None, cfg, *, st
     CE + KL distillation from `teacher` at `cfg.kd_temperature`; return the steps taken.
 
     `cfg` is the `finetune` config (momentum, weight_decay, kd_*); `trainer_cfg` the `trainer`
-    config, of which only the device settings are used. FinetuneDiverged when the loss becomes
-    NaN or infinite (the fine-tune stops at that step) or the weights are no longer finite.
+    config, of which only the device settings are used. The model and teacher end on the
+    device they started on (the run's; Lightning's teardown leaves them on the CPU). On a GPU
+    the batches come from `datamodule.train_batches` (images cropped and flipped there) when it
+    has one. FinetuneDiverged when the loss becomes NaN or infinite (the fine-tune stops at
+    that step) or the weights are no longer finite.
     """
     if steps <= 0 and epochs <= 0:
         return 0
+    homes = [(m, module_device(m)) for m in (model, teacher) if m is not None]
+    batches = (datamodule.train_batches(homes[0][1]) if hasattr(datamodule, "train_batches")
+               else datamodule.train_dataloader())
     watch = FiniteLossWatch()
     module = Classifier(model, num_classes=datamodule.num_classes, lr=lr, momentum=cfg.momentum,
                         weight_decay=cfg.weight_decay, schedule="cosine", teacher=teacher,
@@ -72,7 +81,9 @@ def finetune(model: nn.Module, datamodule, teacher: nn.Module | None, cfg, *, st
             enable_progress_bar=epochs > 0, limit_val_batches=0, num_sanity_val_steps=0,
             default_root_dir=default_root_dir, **device,
         )
-        trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
+        trainer.fit(module, train_dataloaders=batches)
+    for m, device in homes:
+        m.to(device)
     model.eval()
     if watch.bad is not None:
         step, loss = watch.bad

@@ -8,6 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from hbgs.devices import module_device
+
 SCHEDULES = ("cosine", "multistep", "onecycle", "constant")
 
 
@@ -97,15 +99,18 @@ class Classifier(L.LightningModule):
 
 
 @torch.no_grad()
-def evaluate_accuracy(model: nn.Module, loader, device: str | torch.device = "cpu") -> float:
-    """Top-1 accuracy of `model` (in eval mode) over `loader`; the model's mode is restored."""
-    was_training = model.training
-    model.eval().to(device)
+def evaluate_accuracy(model: nn.Module, loader) -> float:
+    """Top-1 accuracy of `model` (in eval mode) over `loader`, computed where the model is (the
+    batches go there; the model stays); every submodule's mode is restored."""
+    device = module_device(model)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     correct = total = 0
     try:
         for x, y in loader:
-            correct += (model(x.to(device)).argmax(1) == y.to(device)).sum().item()
+            correct += (model(x.to(device, non_blocking=True)).argmax(1) == y.to(device)).sum().item()
             total += len(y)
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     return correct / total

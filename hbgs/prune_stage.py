@@ -29,6 +29,7 @@ from tqdm import tqdm
 from hbgs.accounting import count_macs, count_params, measure_latencies, speedups
 from hbgs.bridgeout import regularizer_callbacks
 from hbgs.checkpoint import load_model, load_model_cfg, save_model
+from hbgs.devices import run_device
 from hbgs.errors import HbgsError
 from hbgs.export import export
 from hbgs.finetune import FinetuneDiverged, check_not_collapsed, finetune, recalibrate_batchnorm
@@ -49,8 +50,8 @@ log = logging.getLogger("hbgs")
 CRITERIA = ("hbgs", "hbgts", "uniform", "sensitivity", "uniform_fraction", *PEER_CRITERIA)
 
 
-def load_trained(cfg: DictConfig) -> tuple[torch.nn.Module, dict]:
-    """The model to prune and the config that builds its original architecture."""
+def load_trained(cfg: DictConfig, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The model to prune, on ``device``, and the config that builds its original architecture."""
     if cfg.ckpt is None:
         raise HbgsError("stage=prune needs a trained model: pass ckpt=<path to model.pt> "
                         "(train one with `python -m hbgs.run stage=train model=<name>`).")
@@ -62,7 +63,7 @@ def load_trained(cfg: DictConfig) -> tuple[torch.nn.Module, dict]:
         if model_cfg.get("num_classes", cfg.dataset.num_classes) != cfg.dataset.num_classes:
             raise HbgsError(f"ckpt={cfg.ckpt} has {model_cfg['num_classes']} classes but dataset={cfg.dataset.name} "
                             f"has {cfg.dataset.num_classes}: pass the dataset it was trained on.")
-    return load_model(cfg.ckpt), model_cfg
+    return load_model(cfg.ckpt, map_location=device), model_cfg
 
 
 class RoundReporter:
@@ -85,8 +86,10 @@ class RoundReporter:
         self.log.on_round_end(row)
         if self.bar is None:
             self.bar = tqdm(total=round(self.target, 2), unit="%", desc=f"pruning to -{self.target:g}% {self.metric}")
-        self.bar.update(round(min(row[f"{self.metric}_reduction"], self.bar.total) - self.bar.n, 2))
-        self.bar.set_postfix(layer=f"{row['layer']}:{row['side']}", calib_acc=f"{row['calib_acc']:.3f}")
+        self.bar.n = round(min(row[f"{self.metric}_reduction"], self.bar.total), 2)  # set, not added: no float drift
+        # the bar itself shows the reduction so far against the target, elapsed time and the ETA
+        self.bar.set_postfix(round=row["round"], layer=f"{row['layer']}:{row['side']}",
+                             calib_acc=f"{row['calib_acc']:.3f}")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -173,9 +176,15 @@ def _prune(cfg: DictConfig, run_dir: Path, stop: StopRequests) -> dict:
     # One seed for everything drawn from the global generators (the fine-tunes' batch order and
     # augmentation): the same command and seed give the same run.
     L.seed_everything(cfg.seed, workers=True)
-    original, model_cfg = load_trained(cfg)
+    device = run_device(cfg.trainer)  # everything below runs there; the selectors' maths on the CPU
+    original, model_cfg = load_trained(cfg, device)
     datamodule = instantiate(cfg.dataset)
     datamodule.setup()
+
+    def calibration_batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = datamodule.calibration_batch(n)
+        return x.to(device), y.to(device)
+
     input_size = datamodule.input_size
     test_loader, calib_loader = datamodule.test_dataloader(), datamodule.val_dataloader()
     reference = ReferenceCosts.measure(original, input_size)
@@ -184,7 +193,7 @@ def _prune(cfg: DictConfig, run_dir: Path, stop: StopRequests) -> dict:
         if surgery == "adapters":
             wrap_model(model)
     else:  # the model as the last finished round left it (wrapped, or with channels removed)
-        model = resumed.load_model()
+        model = resumed.load_model().to(device)
         resumed.warn_if_versions_differ()
         log.info("Resuming %s after %s", cfg.resume, f"round {resumed.round}" if resumed.round else "pruning")
     original.eval().requires_grad_(False)  # the reference and teacher: never trained
@@ -204,8 +213,16 @@ def _prune(cfg: DictConfig, run_dir: Path, stop: StopRequests) -> dict:
     details: dict = {}
     recalibration = []  # BatchNorm statistics re-estimated after every round
     if cfg.finetune.get("bn_recalibrate", 0):
-        recal_x = datamodule.calibration_batch(cfg.finetune.bn_recalibrate)[0]
+        recal_x = calibration_batch(cfg.finetune.bn_recalibrate)[0]
         recalibration = [lambda record, net: recalibrate_batchnorm(net, recal_x)]
+    loop = crit in ("hbgs", "hbgts") and not (resumed is not None and resumed.loop_done)
+    if loop:  # built first: a target out of reach is said before minutes of dense evaluation
+        calib_x, calib_y = calibration_batch(cfg.criterion.calib_batch)
+        pruner = build_pruner(
+            model, original, calib_x, calib_y, criterion=crit, signal=cfg.criterion.get("signal", "features"),
+            method=method, step=cfg.criterion.step, min_channels=cfg.criterion.min_channels, input_size=input_size,
+            seed=seed, surgery=surgery, score=cfg.criterion.get("score", "error"))
+        metric, target = pruner.check_target(target_params, target_flops)  # builds modules: draws random numbers
 
     dense_test = evaluate_accuracy(original, test_loader)
     dense_calib = evaluate_accuracy(original, calib_loader)
@@ -217,13 +234,7 @@ def _prune(cfg: DictConfig, run_dir: Path, stop: StopRequests) -> dict:
     if resumed is not None and resumed.loop_done:  # the pruning was done: on to the final fine-tune
         details = dict(resumed.details or {})
         resumed.restore_rng()
-    elif crit in ("hbgs", "hbgts"):
-        calib_x, calib_y = datamodule.calibration_batch(cfg.criterion.calib_batch)
-        pruner = build_pruner(
-            model, original, calib_x, calib_y, criterion=crit, signal=cfg.criterion.get("signal", "features"),
-            method=method, step=cfg.criterion.step, min_channels=cfg.criterion.min_channels, input_size=input_size,
-            seed=seed, surgery=surgery, score=cfg.criterion.get("score", "error"))
-        metric, target = pruner.check_target(target_params, target_flops)  # builds modules: draws random numbers
+    elif loop:
         if resumed is not None:  # where the next round starts: the loop's counters and the RNG states
             pruner.restore(resumed.pruner)
             resumed.restore_rng()
@@ -243,7 +254,7 @@ def _prune(cfg: DictConfig, run_dir: Path, stop: StopRequests) -> dict:
             reporter.close()  # the progress bar ends before any message
         state.mark_loop_done()  # also when the loop ran out of candidates before the target
     elif crit == "uniform_fraction" and surgery == "remove":
-        calib_x, _ = datamodule.calibration_batch(cfg.criterion.get("calib_batch", 256))
+        calib_x, _ = calibration_batch(cfg.criterion.get("calib_batch", 256))
         groups = ChannelSurgery(model, calib_x[:1]).groups()
         remove_by_ratios(model, {g.root: cfg.criterion.fraction for g in groups}, groups, method, calib_x,
                          min_channels=cfg.criterion.get("min_channels", 1), seed=seed)
@@ -256,19 +267,19 @@ def _prune(cfg: DictConfig, run_dir: Path, stop: StopRequests) -> dict:
         allocation = torch_pruning_allocation(
             model, original, importance=cfg.criterion.importance, global_pruning=cfg.criterion.get("global_pruning"),
             target_params=target_params, target_flops=target_flops, tolerance=cfg.criterion.tolerance,
-            input_size=input_size, example_input=datamodule.calibration_batch(1)[0])
+            input_size=input_size, example_input=calibration_batch(1)[0])
         model, details = allocation.model, allocation.details()
     else:
         common = dict(target_params=target_params, target_flops=target_flops, method=method,
                       tolerance=cfg.criterion.tolerance, min_channels=cfg.criterion.get("min_channels", 1),
                       input_size=input_size, seed=seed, surgery=surgery)
         if crit == "uniform":
-            calib_x = datamodule.calibration_batch(cfg.criterion.get("calib_batch", 256))[0] if surgery == "remove" \
+            calib_x = calibration_batch(cfg.criterion.get("calib_batch", 256))[0] if surgery == "remove" \
                 else None  # the adapters' compensation needs no data
             allocation = uniform_allocation(model, original, calib_x=calib_x, **common)
             details = {"ratio": allocation.ratio}
         else:
-            calib_x, calib_y = datamodule.calibration_batch(cfg.criterion.calib_batch)
+            calib_x, calib_y = calibration_batch(cfg.criterion.calib_batch)
             allocation = sensitivity_allocation(model, original, calib_x, calib_y, ratios=list(cfg.criterion.ratios),
                                                 **common)
             details = {"threshold_points": allocation.threshold, "ratios": allocation.ratios,
@@ -326,6 +337,7 @@ def _prune(cfg: DictConfig, run_dir: Path, stop: StopRequests) -> dict:
         "criterion": crit,
         "selector": method,
         "surgery": surgery,
+        "device": str(device),  # where the run pruned, scored and fine-tuned (trainer=)
         "checkpoint": str(Path(cfg.ckpt).resolve()),
         "dataset": cfg.dataset.name,
         "test_images": len(datamodule.splits["test"]),

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from hbgs.checkpoint import load_meta, load_model, load_model_cfg
+from hbgs.devices import run_device
 from hbgs.errors import HbgsError
 from hbgs.loggers import build_logger
 from hbgs.module import evaluate_accuracy
@@ -115,8 +116,10 @@ def checkpoints_of(cfg: DictConfig) -> dict[str, str]:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     surgery = surgery_of(cfg)
+    device = run_device(cfg.trainer)  # models, calibration images and evaluation; the selectors on the CPU
     checkpoints = checkpoints_of(cfg)
-    models = {label: load_model(path) for label, path in checkpoints.items()}  # all load before any work
+    models = {label: load_model(path, map_location=device)  # all load before any work
+              for label, path in checkpoints.items()}
     for label, path in checkpoints.items():
         classes = (load_model_cfg(path) or {}).get("num_classes", cfg.dataset.num_classes)
         if classes != cfg.dataset.num_classes:
@@ -135,7 +138,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             logger.log_metrics({f"robustness/{row['checkpoint']}/{row['method']}/test_acc": row["test_acc"]},
                                step=round(100 * row["fraction"]))
 
-    calib_x = datamodule.calibration_batch(cfg.robustness.calib_batch)[0] if surgery == "remove" else None
+    calib_x = datamodule.calibration_batch(cfg.robustness.calib_batch)[0].to(device) if surgery == "remove" else None
     rows = robustness_curves(models, fractions, methods, lambda m: evaluate_accuracy(m, test_loader),
                              input_size=datamodule.input_size, seed=cfg.seed, on_row=log_row,
                              surgery=surgery, calib_x=calib_x)
@@ -159,6 +162,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "methods": methods,
         "fractions": fractions,
         "surgery": surgery,
+        "device": str(device),
         "what": ("the fraction of output filters removed from every prunable conv (all spatial convs but the "
                  "first)" if surgery == "adapters" else "the fraction of every channel group's channels removed "
                  "structurally") + ", no fine-tuning; '-removal' = plain removal, else the selector with compensation",

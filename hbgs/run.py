@@ -62,6 +62,8 @@ def main(cfg: DictConfig) -> dict | None:
         sys.exit(2)
     finally:
         finish_wandb()
+    if summary is None:  # a DDP rank other than 0: rank 0 writes the results
+        return None
     summary["run_dir"] = str(run_dir)
     write_json(run_dir / "summary.json", summary)
     for key, value in flat_scalars(summary):

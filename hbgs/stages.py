@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from hbgs.accounting import count_macs, count_params, measure_latencies
 from hbgs.bridgeout import regularizer_callbacks
 from hbgs.checkpoint import load_meta, load_model, save_model
+from hbgs.devices import run_device
 from hbgs.loggers import build_logger
 from hbgs.module import Classifier, evaluate_accuracy
 
@@ -33,7 +34,11 @@ def model_config(cfg: DictConfig) -> dict:
 
 def build_trainer(cfg: DictConfig, run_dir: Path, run_name: str, callbacks=()) -> L.Trainer:
     logger = build_logger(cfg.logger, run_dir, run_name, OmegaConf.to_container(cfg, resolve=True))
-    return instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=logger, callbacks=list(callbacks))
+    # SyncBatchNorm needs CUDA: trainer=ddp on the CPU (trainer.accelerator=cpu) trains without it,
+    # each process normalising with its own batch statistics (DDP broadcasts rank 0's buffers).
+    sync = {"sync_batchnorm": False} if cfg.trainer.get("sync_batchnorm") and run_device(cfg.trainer).type == "cpu" \
+        else {}
+    return instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=logger, callbacks=list(callbacks), **sync)
 
 
 def measurements(model, datamodule, test_acc: float) -> dict:
@@ -43,9 +48,10 @@ def measurements(model, datamodule, test_acc: float) -> dict:
             "params": count_params(model), "macs": count_macs(model, input_size), "input_size": list(input_size)}
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict:
+def train(cfg: DictConfig, run_dir: Path) -> dict | None:
     """Train a baseline from scratch (or resume one), test it, save model.pt. The options were
-    checked by hbgs.validation."""
+    checked by hbgs.validation. Under DDP (trainer=ddp) every rank trains and tests its share;
+    rank 0 alone writes model.pt and returns the summary, the other ranks return None."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.dataset)
     model = instantiate(cfg.model)
@@ -56,7 +62,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
     train_seconds = time.perf_counter() - start
-    accuracy = float(trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"])
+    accuracy = float(trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"])  # all ranks' images
+    if not trainer.is_global_zero:
+        return None
     summary = {
         "stage": "train",
         "model": model_config(cfg),
@@ -76,9 +84,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
-    """Accuracy on the test split, params, FLOPs (MACs) and latency of a saved model (CPU, and
-    GPU when there is one). hbgs.validation made sure there is a ckpt."""
-    model = load_model(cfg.ckpt)
+    """Accuracy on the test split (on the run's device, trainer=), params, FLOPs (MACs) and
+    latency of a saved model (CPU, and GPU when there is one). hbgs.validation made sure there
+    is a ckpt."""
+    device = run_device(cfg.trainer)
+    model = load_model(cfg.ckpt, map_location=device)
     meta = load_meta(cfg.ckpt) or {}
     datamodule = instantiate(cfg.dataset)
     accuracy = evaluate_accuracy(model, datamodule.test_dataloader())
@@ -93,6 +103,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
                      "device": device, "repeats": timed["repeats"]} for b in timed["batch_sizes"]]
     return {
         "stage": "eval",
+        "device": str(device),  # where the accuracy was measured
         "checkpoint": str(Path(cfg.ckpt).resolve()),
         "checkpoint_meta": meta,
         **measurements(model, datamodule, accuracy),

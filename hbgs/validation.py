@@ -40,6 +40,9 @@ ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 # Lightning's precisions (its transformer-engine ones need a library hbgs does not install)
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true",
               32, 16, 64, "32", "16", "64", "bf16")
+# Precisions that convert the weights for good (Lightning casts the module): the pruning loop
+# then meets float32 calibration images, and the teacher is converted too.
+CASTING_PRECISIONS = ("16-true", "bf16-true", "64-true", 64, "64")
 MAX_SEED = 2**32 - 1  # Lightning's seed_everything and numpy accept no more
 EXAMPLES_OF_MANDATORY = {"dataset.root": "/path/to/images", "dataset.num_classes": "10"}
 
@@ -85,8 +88,7 @@ def check_machine(cfg: DictConfig) -> None:
     if root is not None and not cfg.dataset.download and not Path(root).expanduser().exists():
         _fail("dataset.root", root, "does not exist", f"dataset.root=/path/to/{cfg.dataset.name}"
               + (" (or dataset.download=true with internet)" if cfg.dataset.name != "imagefolder" else ""))
-    if stage == "train" or (stage == "prune" and _finetunes(cfg)):
-        _check_accelerator_present(cfg)
+    _check_accelerator_present(cfg)  # every stage computes on the trainer's device
     if stage in ("prune", "robustness"):
         surgery = hierarchical.surgery_of(cfg)
         peer = stage == "prune" and cfg.criterion.name in PEER_CRITERIA
@@ -124,6 +126,7 @@ def _check_train(cfg: DictConfig) -> None:
 
 def _check_eval(cfg: DictConfig) -> None:
     _require_ckpt(cfg)
+    _check_trainer(cfg, fit=False)  # its device measures the accuracy
     _check_latency(cfg)
 
 
@@ -138,12 +141,20 @@ def _check_prune(cfg: DictConfig) -> None:
     _check_finetune(cfg)
     _integer(cfg, "stop_after_rounds", 1, "stop_after_rounds=10", null=True, optional=True)
     _check_trainer(cfg, fit=False)
+    _check_one_device(cfg)
+    precision = _get(cfg, "trainer.precision")
+    if precision in CASTING_PRECISIONS:
+        _fail("trainer.precision", precision, "casts the model and its teacher for good during the fine-tunes, "
+              "which the pruning loop cannot score on (float32 calibration images); keep float32 weights",
+              "trainer.precision=bf16-mixed (on a GPU) or trainer.precision=32-true")
     _check_regularizer(cfg)
     _check_latency(cfg, export=True)
 
 
 def _check_robustness(cfg: DictConfig) -> None:
     surgery = hierarchical.surgery_of(cfg)
+    _check_trainer(cfg, fit=False)  # its device runs the evaluations
+    _check_one_device(cfg)
     checkpoints = _get(cfg, "robustness.checkpoints")
     if checkpoints is not None and (not isinstance(checkpoints, dict)
                                     or not all(isinstance(p, str) and p for p in checkpoints.values())):
@@ -282,15 +293,9 @@ def _check_finetune(cfg: DictConfig) -> None:
     _number(cfg, "finetune.kd_weight", "finetune.kd_weight=1.0", low=0)
 
 
-def _finetunes(cfg: DictConfig) -> bool:
-    """Whether a prune run trains at all (and so needs the trainer's accelerator)."""
-    ft = cfg.finetune
-    return (ft.every > 0 and ft.steps > 0) or ft.final_epochs > 0
-
-
 def _check_trainer(cfg: DictConfig, fit: bool) -> None:
-    """The device settings (all a prune run's fine-tunes use); with ``fit`` (stage=train) the
-    rest of Lightning's Trainer options hbgs ships."""
+    """The device settings (where every stage computes: hbgs.devices.run_device); with ``fit``
+    (stage=train) the rest of Lightning's Trainer options hbgs ships."""
     accelerator = _choice(cfg, "trainer.accelerator", ACCELERATORS, example="trainer=cpu")
     devices = _get(cfg, "trainer.devices")
     if accelerator == "cpu":
@@ -333,6 +338,21 @@ def _check_trainer(cfg: DictConfig, fit: bool) -> None:
     if deterministic is not _ABSENT and not (isinstance(deterministic, bool) or deterministic == "warn"):
         _fail("trainer.deterministic", deterministic, "must be true, false or warn", "trainer.deterministic=false")
     _flag(cfg, "trainer.sync_batchnorm", optional=True)
+
+
+def _check_one_device(cfg: DictConfig) -> None:
+    """stage=prune and robustness run in one process on one device: under DDP every rank would
+    repeat the whole pruning loop (and write the same files)."""
+    fix = "trainer=gpu trainer.devices=1"
+    strategy = _get(cfg, "trainer.strategy", optional=True)
+    if _given(strategy) and strategy not in ("auto", "single_device"):
+        _fail("trainer.strategy", strategy, f"would run stage={cfg.stage} in every process, each repeating the "
+              "pruning; it runs in one process on one device", fix)
+    devices = _get(cfg, "trainer.devices")
+    if not (devices == 1 or (isinstance(devices, list) and len(devices) == 1)
+            or (devices == "auto" and cfg.trainer.accelerator == "cpu")):
+        _fail("trainer.devices", devices, f"asks for several devices; stage={cfg.stage} runs in one process on "
+              "one device", fix)
 
 
 def _check_regularizer(cfg: DictConfig) -> None:

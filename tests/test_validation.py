@@ -129,6 +129,16 @@ BAD_INPUTS = [
     (["stage=train", "trainer=gpu", "trainer.devices=0"], "trainer.devices=0 must be a device count ≥ 1, -1 (all)"),
     (["stage=train", "trainer.accelerator=tpu9"], "trainer.accelerator=tpu9 must be one of cpu, gpu, cuda, mps, auto"),
     (["stage=train", "trainer.max_steps=0"], "trainer.max_steps=0 must be an integer ≥ 1, or -1"),
+    # one device for prune and robustness (issue 10): no rank repeating the loop, no weights cast for good
+    (["trainer=ddp"], "trainer.strategy=ddp would run stage=prune in every process, each repeating the pruning; it "
+                      "runs in one process on one device, e.g. trainer=gpu trainer.devices=1"),
+    (["stage=robustness", "trainer=ddp"], "trainer.strategy=ddp would run stage=robustness in every process"),
+    (["trainer.devices=2"], "trainer.devices=2 asks for several devices; stage=prune runs in one process on one "
+                            "device, e.g. trainer=gpu trainer.devices=1"),
+    (["trainer=gpu", "trainer.devices=[0,1]"], "trainer.devices=[0,1] asks for several devices"),
+    (["trainer.precision=bf16-true"], "trainer.precision=bf16-true casts the model and its teacher for good"),
+    (["trainer.precision=16-true"], "trainer.precision=16-true casts the model"),
+    (["trainer.precision=64-true"], "trainer.precision=64-true casts the model"),
     (["stage=train", "trainer.max_epochs=-1"], "trainer.max_epochs=-1 must be an integer ≥ 1 for stage=train"),
     (["stage=train", "trainer.limit_train_batches=1.5"], "trainer.limit_train_batches=1.5 must be null, a batch "
                                                          "count ≥ 1 or a fraction in (0, 1]"),
@@ -199,7 +209,7 @@ def test_a_gpu_trainer_needs_the_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert "trainer.accelerator=gpu needs a CUDA GPU, which this machine does not have, e.g. trainer=cpu" in \
         refusal("stage=train", "trainer=gpu")
-    validate(composed("trainer=gpu", "finetune=none"))  # a prune run that never trains needs none
+    assert "needs a CUDA GPU" in refusal("trainer=gpu", "finetune=none")  # it prunes there, fine-tuning or not
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert "trainer.devices=4 asks for more GPUs than the 1 this machine has" in \
         refusal("stage=train", "trainer=gpu", "trainer.devices=4")
@@ -225,6 +235,7 @@ SHIPPED = (  # the methods cover every criterion and selector with the adapters,
     + [["finetune=none"], ["regularizer=bridgeout"], ["stage=train", "regularizer=bridgeout"]]
     + [[f"logger={lg}"] for lg in options("logger")]
     + [["stage=train", f"trainer={t}"] for t in options("trainer")]
+    + [["trainer=gpu"], ["stage=robustness", "trainer=gpu"], ["stage=eval", "trainer=ddp"]]
     + [[f"dataset={d}"] + (["dataset.root=/data/x", "dataset.num_classes=5"] if d == "imagefolder" else [])
        for d in options("dataset")]
     + [["stage=robustness", "surgery=remove"], ["stage=train", "optim.schedule=multistep"]]

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hbgs.devices import full_precision
 from hbgs.errors import HbgsError
 from hbgs.pruning.adapters import (AdaptedConv, LayerWidths, channel_widths, replace_module,
                                    wrapped_layers)
@@ -174,6 +175,7 @@ def uniform_allocation(model: nn.Module, original: nn.Module, *, target_params: 
 
 # -- sensitivity ------------------------------------------------------------------------------
 
+@full_precision()
 def layer_sensitivity(model: nn.Module, calib_x: torch.Tensor, calib_y: torch.Tensor, *,
                       method: str = "backward", ratios: Sequence[float] = DEFAULT_RATIOS,
                       measure: str = "accuracy", min_channels: int = 1, seed: int = 0,
@@ -203,6 +205,7 @@ def layer_sensitivity(model: nn.Module, calib_x: torch.Tensor, calib_y: torch.Te
     return SensitivityTable(measure, base, tuple(ratios), drops)
 
 
+@full_precision()
 def group_sensitivity(model: nn.Module, calib_x: torch.Tensor, calib_y: torch.Tensor,
                       groups: Sequence[ChannelGroup], *, method: str = "backward",
                       ratios: Sequence[float] = DEFAULT_RATIOS, measure: str = "accuracy",

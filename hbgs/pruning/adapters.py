@@ -77,12 +77,15 @@ class AdaptedConv(nn.Module):
         }
 
     @classmethod
-    def from_spec(cls, spec: dict) -> "AdaptedConv":
-        """An ``AdaptedConv`` of the shapes in ``spec`` (weights to be loaded afterwards)."""
+    def from_spec(cls, spec: dict, like: torch.Tensor | None = None) -> "AdaptedConv":
+        """An ``AdaptedConv`` of the shapes in ``spec`` (weights to be loaded afterwards), on
+        the device and dtype of ``like`` (default: torch's defaults)."""
+        place = {} if like is None else {"device": like.device, "dtype": like.dtype}
+
         def adapter(s):
             return None if s is None else nn.Conv2d(s["in_channels"], s["out_channels"], 1,
-                                                    bias=s["bias"])
-        return cls(nn.Conv2d(**spec["conv"]), adapter(spec["in_adapter"]),
+                                                    bias=s["bias"], **place)
+        return cls(nn.Conv2d(**spec["conv"], **place), adapter(spec["in_adapter"]),
                    adapter(spec["out_adapter"]))
 
 
@@ -90,7 +93,8 @@ def identity_adapter(channels: int, *, bias: bool, like: torch.Tensor) -> nn.Con
     """A 1×1 conv computing the identity on ``channels`` channels (dtype/device of ``like``)."""
     adapter = nn.Conv2d(channels, channels, 1, bias=bias, device=like.device, dtype=like.dtype)
     with torch.no_grad():
-        adapter.weight.copy_(torch.eye(channels, dtype=like.dtype).view(channels, channels, 1, 1))
+        adapter.weight.copy_(torch.eye(channels, dtype=like.dtype, device=like.device)
+                            .view(channels, channels, 1, 1))
         if bias:
             adapter.bias.zero_()
     return adapter

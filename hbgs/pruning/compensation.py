@@ -107,7 +107,7 @@ def uncompensated(layer: AdaptedConv | nn.Conv2d, side: str, selection: Selectio
     that compensation is measured against; ``error`` is the removed filters' squared norm."""
     coef = torch.zeros_like(selection.coef)
     coef[selection.keep, torch.arange(len(selection.keep))] = 1.0
-    filters = torch.cat(filter_matrices(layer, side)).to(torch.float64)  # row = channel index
+    filters = torch.cat(filter_matrices(layer, side)).to("cpu", torch.float64)  # as the selection
     error = float(filters[selection.removed].pow(2).sum())
     return Selection(selection.keep, coef, error, selection.order, f"{selection.method}-removal")
 

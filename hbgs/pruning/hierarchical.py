@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hbgs.accounting import count_macs, count_params
+from hbgs.devices import full_precision
 from hbgs.errors import HbgsError
 from hbgs.pruning.adapters import AdaptedConv, replace_module, wrapped_layers
 from hbgs.pruning.compensation import SIDES, apply, propose, pruned
@@ -126,7 +127,8 @@ def smallest_reachable_cost(model: nn.Module, reference: ReferenceCosts, step: i
             "in_channels": layer.in_channels, "out_channels": conv["in_channels"], "bias": False}
         spec["out_adapter"] = None if conv["out_channels"] == layer.out_channels else {
             "in_channels": conv["out_channels"], "out_channels": layer.out_channels, "bias": True}
-        replace_module(skeleton, name, AdaptedConv.from_spec(spec))
+        # on the model's device and dtype: count_macs feeds the skeleton an input like its weights
+        replace_module(skeleton, name, AdaptedConv.from_spec(spec, like=layer.conv.weight))
     return NetworkCost.of(count_params(skeleton), count_macs(skeleton, reference.input_size),
                           reference)
 
@@ -323,15 +325,18 @@ class HierarchicalPruner:
                             f"at its smallest width on both sides (step={self.step}, "
                             f"min_channels={self.min_channels}, adapters of pruned layers "
                             f"counted) the network has {best.reduction(metric):.2f}% fewer "
-                            f"{metric} than the original; ask for at most that")
+                            f"{metric} than the original; ask for at most that, or use "
+                            "surgery=remove, which also prunes 1×1 convs and Linear layers")
         return metric, target
 
+    @full_precision()
     def scored_candidates(self) -> list[tuple[Candidate, float]]:
         """Every candidate of the current round with its error (the paper's score; lower is
         better); does not change what the network computes."""
         self._bring_up_to_date()
         return list(zip(*self._propose_and_score()[:2]))
 
+    @full_precision()
     def run_round(self, metric: str | None = None,
                   target: float | None = None) -> RoundRecord | None:
         """One round: score every candidate, apply the best, return its record (None when no

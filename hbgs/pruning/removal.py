@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hbgs.accounting import count_macs, count_params
+from hbgs.devices import full_precision
 from hbgs.errors import HbgsError
 from hbgs.pruning.costs import NetworkCost, ReferenceCosts, check_not_met, parse_target, saved_cost
 from hbgs.pruning.hierarchical import (RoundRecord, channels_to_remove, check_loop_arguments,
@@ -101,6 +102,7 @@ class RemovalPruner:
                             "original; ask for at most that")
         return metric, target
 
+    @full_precision()
     def run_round(self, metric: str | None = None,
                   target: float | None = None) -> RoundRecord | None:
         """One round: score every candidate group, remove the best one's channels."""

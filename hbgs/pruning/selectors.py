@@ -3,7 +3,10 @@
 Every selector works on a matrix ``F`` with one filter per row and returns a ``Selection``: the
 kept rows ``S`` and the least-squares coefficients ``Λ`` with ``F ≈ Λ F[S]``. No data is used,
 only weights. Computations run in float64 on the CPU (whatever the device of ``F``): they are
-loops of small sequential updates, and a layer's filters are small.
+loops of small sequential updates, and a layer's filters are small. A GPU run keeps them here
+too (not yet measured on a GPU: consumer GPUs run float64 at 1/32-1/64 of float32 speed, and
+each update would be a kernel launch); the ``Selection`` comes back on the CPU and
+``compensation.pruned`` moves it to the layer's device.
 """
 from __future__ import annotations
 

@@ -456,8 +456,10 @@ def _same(record, module: nn.Module) -> bool:
         return False
     tensors = list(module.named_parameters(recurse=False)) + \
         list(module.named_buffers(recurse=False))
+    # A tensor moved to another device (Module.to keeps the Parameter object) has changed;
+    # torch.equal across devices would raise.
     return len(tensors) == len(old_tensors) and all(
-        key == old_key and t is old_t and torch.equal(t, copy)
+        key == old_key and t is old_t and t.device == copy.device and torch.equal(t, copy)
         for (key, t), (old_key, old_t, copy) in zip(tensors, old_tensors))
 
 
