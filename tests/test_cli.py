@@ -1,5 +1,6 @@
 """The command line, run as a user runs it: python -m hbgs.run in a subprocess."""
 
+import csv
 import json
 
 import pytest
@@ -54,12 +55,41 @@ def test_eval_reports_accuracy_params_flops_latency(trained_run, tmp_path):
     assert all(r["latency_ms"] > 0 and r["threads"] == 1 for r in summary["latency"])
 
 
+def plant_in_checkpoint(ckpt, dest):
+    """A copy of a Lightning checkpoint with the classifier's bias set to a pattern no training from
+    scratch comes near (±45, where a fresh bias lies within ±1/8); returns the pattern.
+    Two more SGD steps move a bias by less than 1: each step by at most lr (≤ 0.1) times a
+    cross-entropy gradient of at most 1 per class, plus momentum and weight decay."""
+    state = torch.load(ckpt, weights_only=False)
+    planted = 10.0 * torch.arange(10, dtype=torch.float32) - 45.0
+    state["state_dict"]["model.fc.bias"] = planted.clone()
+    torch.save(state, dest)
+    return planted
+
+
+def logged_epochs(run_dir):
+    """(epoch, step) of every epoch-end training row the CSV logger wrote."""
+    with open(run_dir / "metrics.csv") as f:
+        return [(int(r["epoch"]), int(r["step"])) for r in csv.DictReader(f) if r["train/loss_epoch"]]
+
+
+def assert_resumed(run_dir, planted):
+    """What only a resumed run shows: it trained the remaining epoch alone (a run started afresh
+    logs epochs 0 and 1), from the checkpoint's weights (the planted bias survives into model.pt)."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["optimizer_steps"] == 4 and summary["epochs"] == 2  # 2 from the first run, 2 more
+    assert logged_epochs(run_dir) == [(1, 3)]  # the second epoch only, ending at step 4 (logged 0-based)
+    bias = load_model(run_dir / "model.pt").fc.bias.detach()
+    assert (bias - planted).abs().max() < 1.0, bias
+
+
 def test_resume_continues_from_a_lightning_checkpoint(trained_run, tmp_path):
+    ckpt = tmp_path / "planted.ckpt"
+    planted = plant_in_checkpoint(trained_run / "checkpoints" / "last.ckpt", ckpt)
     out = hbgs_run("stage=train", "model=resnet20", "dataset.limit_train=256", "trainer.max_epochs=2",
-                   f"resume={trained_run / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={tmp_path}", *QUICK)
+                   f"resume={ckpt}", f"hydra.run.dir={tmp_path / 'resumed'}", "threads=1", *QUICK)
     assert out.returncode == 0, out.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["optimizer_steps"] == 4  # 2 from the first run, 2 more
+    assert_resumed(tmp_path / "resumed", planted)
 
 
 def test_multirun_gives_each_job_its_own_directory(trained_run, tmp_path):
@@ -82,11 +112,14 @@ def test_train_with_bridgeout_saves_a_plain_model(tmp_path):
     assert not any("parametrizations" in k for k in model.state_dict())
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert any("parametrizations.weight.original" in k for k in ckpt["state_dict"])  # mid-fit state
+    planted = plant_in_checkpoint(tmp_path / "checkpoints" / "last.ckpt", tmp_path / "planted.ckpt")
     resumed = hbgs_run("stage=train", "model=resnet20", "dataset.limit_train=256", "trainer.max_epochs=2",
-                       "regularizer=bridgeout", f"resume={tmp_path / 'checkpoints' / 'last.ckpt'}",
-                       f"hydra.run.dir={tmp_path / 'resumed'}", *QUICK)
+                       "regularizer=bridgeout", f"resume={tmp_path / 'planted.ckpt'}",
+                       f"hydra.run.dir={tmp_path / 'resumed'}", "threads=1", *QUICK)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["optimizer_steps"] == 4
+    assert_resumed(tmp_path / "resumed", planted)
+    model = load_model(tmp_path / "resumed" / "model.pt")  # plain again after the resumed fit
+    assert not any("parametrizations" in k for k in model.state_dict())
 
 
 @pytest.mark.parametrize("args,message", [

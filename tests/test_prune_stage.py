@@ -2,17 +2,23 @@
 
 import csv
 import json
+import os
+import subprocess
+import sys
 
 import matplotlib.pyplot as plt
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from hbgs.accounting import count_macs, count_params
 from hbgs.checkpoint import load_meta, load_model, save_model
 from hbgs.finetune import finetune
 from hbgs.models import resnet20
-from hbgs.pruning import wrap_model
-from conftest import hbgs_run
+from hbgs.module import evaluate_accuracy
+from hbgs.pruning import ReferenceCosts, channel_widths, prune_conv, saved_cost, wrap_model
+from conftest import REPO, hbgs_run
 
 TINY = ["logger=csv", "dataset.calib_size=100", "dataset.limit_train=128", "dataset.limit_test=100",
         "latency.repeats=2", "trainer.enable_progress_bar=false"]
@@ -52,33 +58,147 @@ def assert_costs_match_saved_model(run_dir, summary):
     assert summary["cost"]["reduction_vs_original_pct"]["params"] == pytest.approx(expected, abs=1e-9)
 
 
-def test_hbgts_run_writes_every_output_consistently(tmp_path, checkpoint):
-    summary = prune_run(tmp_path, checkpoint, "criterion=hbgts", "criterion.target.params=null",
-                        "criterion.target.flops=5", "criterion.step=0.5", "criterion.calib_batch=64",
-                        "finetune.steps=1", "finetune.final_epochs=1", "regularizer=bridgeout")
+# hbgs.run as `python -m hbgs.run` runs it (python -c: the working directory on the path), with
+# hbgs.prune_stage.finetune wrapped by a spy: a Lightning callback that records, at every training
+# batch of every fine-tune, whether each conv with a spatial kernel carries Bridgeout and really
+# draws noise (two reads of its weight differ); the records go to $FINETUNE_SPY as JSON.
+FINETUNE_SPY = """
+import json, os, runpy, sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+import hbgs.prune_stage as stage
+from hbgs.bridgeout import has_bridgeout, is_target
+
+calls, real = [], stage.finetune
+
+
+class Spy(L.Callback):
+    def __init__(self, record):
+        self.record = record
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        convs = [m for m in pl_module.model.modules() if is_target(m)]
+        self.record["batches"].append({
+            "targets": len(convs), "with_bridgeout": sum(has_bridgeout(m) for m in convs),
+            "training": all(m.training for m in convs),
+            "noisy": sum(not torch.equal(m.weight, m.weight) for m in convs)})
+
+
+def spied(model, *args, callbacks=(), **kwargs):
+    record = {"steps": kwargs.get("steps", 0), "epochs": kwargs.get("epochs", 0), "batches": []}
+    calls.append(record)
+    try:
+        return real(model, *args, callbacks=[*callbacks, Spy(record)], **kwargs)
+    finally:
+        record["bridgeout_left"] = sum(has_bridgeout(m) for m in model.modules())
+        Path(os.environ["FINETUNE_SPY"]).write_text(json.dumps(calls))
+
+
+stage.finetune = spied
+sys.argv[0] = "hbgs.run"
+runpy.run_module("hbgs.run", run_name="__main__", alter_sys=True)
+"""
+
+
+def replay_widths(history, checkpoint, reference):
+    """Apply each history row's width change to a fresh wrapped copy of the checkpoint (L1
+    filters: the costs depend on the widths alone), checking that the row starts from the width
+    the rows before left; yield (row, cost of the network as saved after it)."""
+    replay = load_model(checkpoint)
+    wrap_model(replay)
+    for row in history:
+        widths = channel_widths(replay)[row["layer"]]
+        assert getattr(widths, f"{row['side']}_current") == int(row["width_before"]) > int(row["width_after"]) > 0
+        prune_conv(replay, row["layer"], row["side"], int(row["width_before"]) - int(row["width_after"]), "l1")
+        yield row, saved_cost(replay, reference)
+
+
+def test_hbgts_run_writes_every_output_consistently(tmp_path):
+    # The zoo's trained ResNet-20, so that the accuracies tell models apart: pruning costs a few
+    # points and the final fine-tune's one step at final_lr=0.05 under Bridgeout noise moves test
+    # accuracy by tens of points (the noise does it: 1 point without), so a summary measured on
+    # another model than the saved one fails.
+    checkpoint = REPO / "zoo" / "resnet20-cifar10.pt"
+    spy_log = tmp_path / "finetunes.json"
+    out = subprocess.run(
+        [sys.executable, "-c", FINETUNE_SPY, "stage=prune", f"ckpt={checkpoint}", f"hydra.run.dir={tmp_path / 'run'}",
+         *TINY, "threads=1", "criterion=hbgts", "criterion.target.params=null", "criterion.target.flops=5",
+         "criterion.step=0.5", "criterion.calib_batch=64", "finetune.steps=1", "finetune.final_epochs=1",
+         "finetune.final_lr=0.05", "regularizer=bridgeout"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "FINETUNE_SPY": str(spy_log)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
     for name in ("history.csv", "summary.json", "model.pt", "accuracy_vs_flops.png", "widths.png", "config.yaml"):
-        assert (tmp_path / name).is_file(), name
-    assert_valid_png(tmp_path / "accuracy_vs_flops.png")
-    assert_valid_png(tmp_path / "widths.png")
-    history = read_history(tmp_path)
-    assert len(history) == summary["details"]["rounds"] >= 1
+        assert (run_dir / name).is_file(), name
+    # Bridgeout was on inside every fine-tune (one short one per round, then the final one): all
+    # 19 convs with a spatial kernel (the stem and the wrapped 3×3 convs; never the 1×1 adapters)
+    # carried it and drew noise at every batch, and none kept it afterwards.
+    finetunes = json.loads(spy_log.read_text())
+    assert [(f["steps"], f["epochs"]) for f in finetunes] == [(1, 0)] * summary["details"]["rounds"] + [(0, 1)]
+    for f in finetunes:
+        assert f["batches"] == [{"targets": 19, "with_bridgeout": 19, "training": True, "noisy": 19}]
+        assert f["bridgeout_left"] == 0
+    assert_valid_png(run_dir / "accuracy_vs_flops.png")
+    assert_valid_png(run_dir / "widths.png")
+    history = read_history(run_dir)
+    assert len(history) == summary["details"]["rounds"] >= 2  # half of one layer's side saves < 5 % FLOPs
+    assert [int(r["round"]) for r in history] == list(range(1, len(history) + 1))
     # The loop stopped at the first round that met the target.
     assert float(history[-1]["flops_reduction"]) >= 5 > max([float(r["flops_reduction"]) for r in history[:-1]] + [0])
-    # Summary and history agree, and both agree with the saved model.
+
+    # Every round: its width change continues from the widths the rounds before left, and its
+    # recorded params/FLOPs and reductions are those of the network with the widths so far.
+    # With half of a side removed per round, each round removes more weights than its adapter
+    # adds, so both reductions grow strictly from round to round.
+    original = load_model(checkpoint)
+    reference = ReferenceCosts.measure(original)
+    previous = (0.0, 0.0)
+    for row, cost in replay_widths(history, checkpoint, reference):
+        assert (int(row["params"]), int(row["flops"])) == (cost.params, cost.flops), row
+        assert float(row["params_reduction"]) == pytest.approx(cost.params_reduction, abs=1e-9)
+        assert float(row["flops_reduction"]) == pytest.approx(cost.flops_reduction, abs=1e-9)
+        assert cost.params_reduction > previous[0] and cost.flops_reduction > previous[1], row
+        previous = (cost.params_reduction, cost.flops_reduction)
+        assert 0 <= float(row["calib_acc"]) <= 1
+    # The widths the rows leave are the final widths of every layer (those no row names: unpruned).
+    final = {}
+    for row in history:
+        final[row["layer"], row["side"]] = int(row["width_after"])
+    assert len(summary["widths"]) == 18
+    for layer, w in summary["widths"].items():
+        for side in ("in", "out"):
+            assert w[f"{side}_current"] == final.get((layer, side), w[f"{side}_original"]), (layer, side)
+    # Summary, last row and the saved model agree.
     assert int(history[-1]["params"]) == summary["cost"]["pruned"]["params"]
     assert int(history[-1]["flops"]) == summary["cost"]["pruned"]["flops"]
-    assert_costs_match_saved_model(tmp_path, summary)
-    # Every round's chosen layer really is narrower in the final widths.
-    last = history[-1]
-    widths = summary["widths"][last["layer"]]
-    assert widths[f"{last['side']}_current"] == int(last["width_after"]) < widths[f"{last['side']}_original"]
-    assert all(0 <= float(r["calib_acc"]) <= 1 for r in history)
+    assert_costs_match_saved_model(run_dir, summary)
+    saved = load_model(run_dir / "model.pt")
+    for layer, w in summary["widths"].items():  # the saved convs have these widths inside their adapters
+        conv = saved.get_submodule(layer)
+        conv = conv.conv if hasattr(conv, "conv") else conv
+        assert (conv.in_channels, conv.out_channels) == (w["in_current"], w["out_current"]), layer
+
+    # The accuracies are those of the saved models on the run's own test subset.
+    datamodule = instantiate(OmegaConf.load(run_dir / "config.yaml").dataset)
+    datamodule.setup()
+    test_loader = datamodule.test_dataloader()
+    assert len(datamodule.splits["test"]) == summary["test_images"] == 100
     accuracy = summary["accuracy"]
     assert accuracy["final_finetune_steps"] == 1  # 128 images, one epoch, batches of 128
-    assert {"dense_test", "pruned_test_before_finetune", "pruned_test_after_finetune"} <= accuracy.keys()
+    assert evaluate_accuracy(saved, test_loader) == accuracy["pruned_test_after_finetune"]
+    assert abs(accuracy["pruned_test_after_finetune"] - accuracy["pruned_test_before_finetune"]) >= 0.1
+    assert evaluate_accuracy(load_model(run_dir / "model_exported.pt"), test_loader) == accuracy["exported_test"]
+    assert evaluate_accuracy(original, test_loader) == accuracy["dense_test"] != accuracy["pruned_test_before_finetune"]
+
     assert summary["details"]["signal"] == "features"
     assert summary["regularizer"] == {"name": "bridgeout", "p": 0.3, "q": 1.5, "target_fraction": 0.75}
-    assert (tmp_path / "metrics.csv").is_file()  # the CSV logger got the rounds
+    with open(run_dir / "metrics.csv") as f:  # the CSV logger got every round, at step = round
+        logged = [(r["prune/round"], r["step"], r["prune/flops"]) for r in csv.DictReader(f) if r["prune/round"]]
+    assert logged == [(r["round"], r["round"], r["flops"]) for r in history]
 
 
 def test_uniform_fraction_prunes_every_layer_by_half(tmp_path, checkpoint):
