@@ -36,18 +36,18 @@ from hbgs.finetune import FinetuneDiverged, check_not_collapsed, finetune, recal
 from hbgs.loggers import build_logger
 from hbgs.module import evaluate_accuracy
 from hbgs.pruning import channel_widths, fold_identity_adapters, wrap_model
-from hbgs.pruning.acra import prune_uniform_fraction, sensitivity_allocation, uniform_allocation
+from hbgs.pruning.acra import sensitivity_allocation, uniform_allocation
 from hbgs.pruning.costs import ReferenceCosts, saved_cost
+from hbgs.pruning.criteria import CRITERIA, PEER_CRITERIA
 from hbgs.pruning.hierarchical import build_pruner, run_rounds, surgery_of
-from hbgs.pruning.peers import PEER_CRITERIA, selector_name, torch_pruning_allocation
+from hbgs.pruning.peers import selector_name, torch_pruning_allocation
+from hbgs.pruning.ratios import prune_uniform_fraction
 from hbgs.pruning.removal import remove_by_ratios
 from hbgs.pruning.surgery import ChannelSurgery, layer_widths, require_torch_pruning
 from hbgs.reporting import LoggerRoundCallback, plot_accuracy_vs_flops, plot_widths, write_csv
 from hbgs.run_state import Resumed, RunState, StopRequests, library_versions, resume_command
 
 log = logging.getLogger("hbgs")
-
-CRITERIA = ("hbgs", "hbgts", "uniform", "sensitivity", "uniform_fraction", *PEER_CRITERIA)
 
 
 def load_trained(cfg: DictConfig, device: torch.device) -> tuple[torch.nn.Module, dict]:

@@ -31,9 +31,9 @@ from hbgs.errors import HbgsError
 from hbgs.loggers import build_logger
 from hbgs.module import evaluate_accuracy
 from hbgs.pruning import ReferenceCosts, fold_identity_adapters, saved_cost, wrap_model
-from hbgs.pruning.acra import prune_layers
 from hbgs.pruning.adapters import wrapped_layers
 from hbgs.pruning.hierarchical import surgery_of
+from hbgs.pruning.ratios import prune_layers
 from hbgs.pruning.removal import remove_by_ratios
 from hbgs.pruning.surgery import ChannelSurgery
 from hbgs.pruning.selectors import METHODS

@@ -12,8 +12,8 @@ for, Torch-Pruning).
 
 The lists of valid choices come from the modules that use them. A few of those modules import
 Lightning, which takes seconds, so the checks needing them come last in their stage; the stage
-imports them anyway. ``STAGES`` and ``CRITERIA`` are restated here for the same reason (a test
-keeps them equal to ``hbgs.stages.STAGES`` and ``hbgs.prune_stage.CRITERIA``).
+imports them anyway. ``STAGES`` is restated here for the same reason (a test keeps it equal to
+``hbgs.stages.STAGES``); ``CRITERIA`` comes from ``hbgs.pruning.criteria``, which imports nothing.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from hbgs.errors import HbgsError
 from hbgs.pruning import hierarchical
-from hbgs.pruning.peers import IMPORTANCES, PEER_CRITERIA
+from hbgs.pruning.criteria import CRITERIA, LOOP_CRITERIA, PEER_CRITERIA
+from hbgs.pruning.peers import IMPORTANCES
 from hbgs.pruning.selectors import METHODS
 
 STAGES = ("train", "eval", "prune", "robustness")
-CRITERIA = (*hierarchical.CRITERIA, "uniform", "sensitivity", "uniform_fraction", *PEER_CRITERIA)
 DATASETS = ("cifar10", "cifar100", "imagefolder")  # what hbgs.data.ImageDataModule reads
 LOGGERS = ("wandb", "csv", "none")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -232,7 +232,7 @@ def _check_criterion(cfg: DictConfig) -> str:
     name = _choice(cfg, "criterion.name", CRITERIA, example="criterion=hbgts")
     if name != "uniform_fraction":  # the only criterion without a target
         _check_target(cfg)
-    layerwise = name in hierarchical.CRITERIA
+    layerwise = name in LOOP_CRITERIA
     if layerwise:
         step = _get(cfg, "criterion.step")
         try:
@@ -243,11 +243,11 @@ def _check_criterion(cfg: DictConfig) -> str:
     # Keys the stage reads directly must be there; the others have defaults in prune_stage.
     _integer(cfg, "criterion.min_channels", 1, "criterion.min_channels=1", optional=not layerwise)
     _integer(cfg, "criterion.calib_batch", 1, "criterion.calib_batch=256",
-             optional=name not in (*hierarchical.CRITERIA, "sensitivity"))
+             optional=name not in (*LOOP_CRITERIA, "sensitivity"))
     _choice(cfg, "criterion.score", hierarchical.SCORES, optional=True)
     _choice(cfg, "criterion.signal", hierarchical.SIGNALS, optional=True)
     _number(cfg, "criterion.tolerance", "criterion.tolerance=0.5", low=0,
-            optional=name in (*hierarchical.CRITERIA, "uniform_fraction"), note="% points of the target")
+            optional=name in (*LOOP_CRITERIA, "uniform_fraction"), note="% points of the target")
     if name == "uniform_fraction":
         _number(cfg, "criterion.fraction", "criterion.fraction=0.5", low=0, high=1, open_low=True)
     if name == "sensitivity":

@@ -9,9 +9,9 @@ from hbgs.accounting import count_macs, count_params
 from hbgs.errors import HbgsError
 from hbgs.models import resnet20
 from hbgs.pruning import channel_widths, fold_identity_adapters, wrap_model
-from hbgs.pruning.acra import (fraction_count, layer_sensitivity, prune_uniform_fraction,
-                               sensitivity_allocation, uniform_allocation)
+from hbgs.pruning.acra import layer_sensitivity, sensitivity_allocation, uniform_allocation
 from hbgs.pruning.costs import ReferenceCosts, saved_cost
+from hbgs.pruning.ratios import fraction_count, prune_uniform_fraction
 
 
 class ThreeConvNet(nn.Module):

@@ -23,8 +23,9 @@ from hbgs.models import resnet20
 from hbgs.module import evaluate_accuracy
 from hbgs.pruning import fold_identity_adapters, wrap_model
 from hbgs.pruning.adapters import AdaptedConv
-from hbgs.pruning.acra import layer_sensitivity, prune_uniform_fraction
+from hbgs.pruning.acra import layer_sensitivity
 from hbgs.pruning.hierarchical import build_pruner
+from hbgs.pruning.ratios import prune_uniform_fraction
 from hbgs.zoo import zoo_checkpoint
 from conftest import REPO, hbgs_run
 

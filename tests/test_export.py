@@ -16,7 +16,7 @@ from hbgs.errors import HbgsError
 from hbgs.export import VARIANTS, fold_batchnorms, merge_variants
 from hbgs.models import resnet20
 from hbgs.pruning import AdaptedConv, fold_identity_adapters, prune_conv, wrap_model
-from hbgs.pruning.acra import prune_uniform_fraction
+from hbgs.pruning.ratios import prune_uniform_fraction
 
 RESNET20 = {"_target_": "hbgs.models.resnet20", "num_classes": 10}
 FAST = {"batch_size": 8, "threads": 1, "repeats": 2}  # timings only decide, nothing asserts on them

@@ -15,13 +15,14 @@ from hbgs.models.resnet_cifar import CifarResNet
 from hbgs.models.vgg import CifarVGG
 from hbgs.pruning import (AdaptedConv, apply, channel_widths, fold_identity_adapters, propose,
                           pruned, with_identity_adapters, wrap_model)
-from hbgs.pruning.acra import prune_uniform_fraction
+from hbgs.pruning.activations import FullNetworkEvaluator, last_batchnorm
 from hbgs.pruning.costs import ReferenceCosts, saved_cost
 from hbgs.pruning.hierarchical import (HierarchicalPruner, channels_to_remove,
                                        hierarchical_prune, smallest_reachable_cost,
                                        smallest_width)
+from hbgs.pruning.ratios import prune_uniform_fraction
 from hbgs.pruning.removal import RemovalPruner, removed_channels
-from hbgs.pruning.suffix import FullNetworkEvaluator, SuffixCache, last_batchnorm, trace
+from hbgs.pruning.suffix import SuffixCache, trace
 from hbgs.pruning.surgery import ChannelSurgery
 
 RESNET20 = {"_target_": "hbgs.models.resnet20", "num_classes": 10}

@@ -265,9 +265,10 @@ def test_restated_choices_match_their_sources():
     from lightning.pytorch.accelerators import AcceleratorRegistry
 
     from hbgs import prune_stage, stages
+    from hbgs.pruning import criteria
 
     assert STAGES == tuple(stages.STAGES)
-    assert CRITERIA == prune_stage.CRITERIA
+    assert CRITERIA is prune_stage.CRITERIA is criteria.CRITERIA  # one tuple, imported
     precisions = {*connector._PRECISION_INPUT_INT.__args__, *connector._PRECISION_INPUT_STR.__args__,
                   *connector._PRECISION_INPUT_STR_ALIAS.__args__}
     assert set(PRECISIONS) <= precisions

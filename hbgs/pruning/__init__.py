@@ -23,44 +23,43 @@ Peers: ``torch_pruning_allocation`` runs Torch-Pruning's own pruner (L1 or group
 at the smallest ratio meeting the same targets, returning an ``Allocation`` like ACRA's.
 """
 from hbgs.pruning.adapters import (AdaptedConv, LayerWidths, channel_widths,
-                                   fold_identity_adapters, is_prunable, replace_module,
-                                   with_identity_adapters, wrap_model, wrapped_layers)
+                                   drop_identity_adapters, fold_identity_adapters, is_prunable,
+                                   replace_module, with_identity_adapters, wrap_model,
+                                   wrapped_layers)
 from hbgs.pruning.compensation import (SIDES, apply, filter_matrices, filter_matrix, propose,
                                        prune_conv, pruned, uncompensated)
 from hbgs.pruning.selectors import (METHODS, Selection, backward_naive, least_squares_selection,
                                     select_filters)
 from hbgs.pruning.costs import NetworkCost, ReferenceCosts, as_saved, saved_cost
-from hbgs.pruning.suffix import (FullNetworkEvaluator, ModuleSnapshot, SuffixCache, WorkStats,
-                                 last_batchnorm, trace)
-from hbgs.pruning.hierarchical import (CRITERIA, SIGNALS, Candidate, HierarchicalPruner,
-                                       ProposalCache, RoundRecord, channels_to_remove,
-                                       drop_identity_adapters, hierarchical_prune,
+from hbgs.pruning.criteria import CRITERIA, LOOP_CRITERIA
+from hbgs.pruning.activations import FullNetworkEvaluator, ModuleSnapshot, WorkStats, last_batchnorm
+from hbgs.pruning.suffix import SuffixCache, trace
+from hbgs.pruning.hierarchical import (SIGNALS, Candidate, HierarchicalPruner, ProposalCache,
+                                       RoundRecord, channels_to_remove, hierarchical_prune,
                                        smallest_reachable_cost)
 from hbgs.pruning.surgery import ChannelGroup, ChannelSurgery, input_grams, layer_widths
 from hbgs.pruning.removal import RemovalPruner, remove_by_ratios, removed_channels
+from hbgs.pruning.ratios import fraction_pruned, prune_layers, prune_uniform_fraction
 from hbgs.pruning.acra import (Allocation, SensitivityAllocation, SensitivityTable,
-                               UniformAllocation, fraction_pruned, group_sensitivity,
-                               layer_sensitivity,
-                               prune_layers, prune_uniform_fraction, sensitivity_allocation,
-                               uniform_allocation)
+                               UniformAllocation, group_sensitivity, layer_sensitivity,
+                               sensitivity_allocation, uniform_allocation)
 from hbgs.pruning.peers import PeerAllocation, ignored_layers, prune_at_ratio, torch_pruning_allocation
 
+# The public API; the other names imported above stay importable from here for code that
+# reached them before, but their home is their module.
 __all__ = [
-    "AdaptedConv", "LayerWidths", "METHODS", "SIDES", "Selection", "apply", "backward_naive",
-    "channel_widths", "filter_matrices", "filter_matrix", "fold_identity_adapters", "is_prunable",
-    "least_squares_selection", "propose", "prune_conv", "pruned", "replace_module",
-    "select_filters", "uncompensated", "with_identity_adapters", "wrap_model", "wrapped_layers",
-    # upper level: costs, the activation cache, HBGS/HBGTS, ACRA
-    "Allocation", "CRITERIA", "Candidate", "FullNetworkEvaluator", "HierarchicalPruner",
-    "ModuleSnapshot", "NetworkCost", "ProposalCache", "ReferenceCosts", "RoundRecord", "SIGNALS",
-    "SensitivityAllocation", "SensitivityTable", "SuffixCache", "UniformAllocation", "WorkStats",
-    "as_saved", "channels_to_remove", "drop_identity_adapters", "fraction_pruned",
-    "hierarchical_prune", "last_batchnorm", "layer_sensitivity", "prune_layers",
-    "prune_uniform_fraction", "saved_cost", "sensitivity_allocation", "smallest_reachable_cost",
-    "trace", "uniform_allocation",
+    # lower level: which filters of one layer
+    "AdaptedConv", "LayerWidths", "METHODS", "SIDES", "Selection", "apply", "channel_widths",
+    "fold_identity_adapters", "propose", "prune_conv", "pruned", "select_filters",
+    "uncompensated", "with_identity_adapters", "wrap_model", "wrapped_layers",
+    "prune_uniform_fraction",
+    # upper level: HBGS/HBGTS, the ACRA allocations, costs
+    "CRITERIA", "SIGNALS", "HierarchicalPruner", "RoundRecord", "hierarchical_prune",
+    "Allocation", "UniformAllocation", "SensitivityAllocation", "SensitivityTable",
+    "layer_sensitivity", "sensitivity_allocation", "uniform_allocation",
+    "NetworkCost", "ReferenceCosts", "saved_cost",
     # structural surgery
-    "ChannelGroup", "ChannelSurgery", "RemovalPruner", "group_sensitivity", "input_grams",
-    "layer_widths", "remove_by_ratios", "removed_channels",
-    # Torch-Pruning as a peer method
-    "PeerAllocation", "ignored_layers", "prune_at_ratio", "torch_pruning_allocation",
+    "ChannelGroup", "ChannelSurgery", "removed_channels",
+    # Torch-Pruning as a peer
+    "PeerAllocation", "torch_pruning_allocation",
 ]

@@ -9,86 +9,32 @@ Both search for the smallest knob whose network meets a params or FLOPs target (
 against the original network, measured on the actually pruned network as saved), and work with
 any lower-level selector. A ratio ``r`` removes ``round(r · width)`` channels from the output
 side, then from the input side, of a conv (compensated through its adapters), keeping at least
-``min_channels`` (rounded to whole groups for grouped convs).
+``min_channels`` (rounded to whole groups for grouped convs; ``ratios.py``).
 """
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hbgs.devices import full_precision
-from hbgs.errors import HbgsError
-from hbgs.pruning.adapters import (AdaptedConv, LayerWidths, channel_widths, replace_module,
-                                   wrapped_layers)
-from hbgs.pruning.compensation import SIDES, propose, pruned, uncompensated
+from hbgs.errors import HbgsError, check_choice
+from hbgs.pruning.activations import FullNetworkEvaluator, WorkStats
+from hbgs.pruning.adapters import wrapped_layers
 from hbgs.pruning.costs import (NetworkCost, ReferenceCosts, check_not_met, parse_target,
                                 saved_cost)
-from hbgs.pruning.hierarchical import SURGERIES, check_choice, drop_identity_adapters
+from hbgs.pruning.ratios import fraction_pruned, prune_layers
 from hbgs.pruning.removal import remove_by_ratios
-from hbgs.pruning.surgery import ChannelGroup, ChannelSurgery
+from hbgs.pruning.scoring import accuracy, loss
 from hbgs.pruning.selectors import METHODS
-from hbgs.pruning.suffix import FullNetworkEvaluator, SuffixCache, WorkStats
+from hbgs.pruning.suffix import SuffixCache
+from hbgs.pruning.surgery import SURGERIES, ChannelGroup, ChannelSurgery
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MEASURES = ("accuracy", "loss")
-
-
-def fraction_count(width: int, fraction: float, groups: int = 1, min_channels: int = 1) -> int:
-    """Channels a ratio ``fraction`` removes from a side of ``width``: ``fraction`` of each
-    group's channels rounded half up, from every group alike, leaving at least
-    ``min_channels`` (and one channel per group)."""
-    if not 0 <= fraction <= 1:
-        raise HbgsError(f"a pruning ratio must lie in [0, 1], got {fraction!r}")
-    per_group = width // groups
-    count = int(fraction * per_group + 0.5)
-    most = per_group - max(1, -(-min_channels // groups))
-    return groups * max(0, min(count, most))
-
-
-def fraction_pruned(layer: AdaptedConv, fraction: float, method: str, *, min_channels: int = 1,
-                    seed: int = 0, sides: Sequence[str] = SIDES, compensate: bool = True) -> AdaptedConv:
-    """``layer`` with the ratio ``fraction`` of its channels removed on each of ``sides`` in turn
-    (output, then input), compensated unless ``compensate=False`` (plain removal); a new module
-    (``layer`` itself when nothing is removed)."""
-    for side in sides:
-        width = layer.conv.out_channels if side == "out" else layer.conv.in_channels
-        count = fraction_count(width, fraction, layer.conv.groups, min_channels)
-        if count:
-            selection = propose(layer, side, count, method, seed=seed)
-            if not compensate:
-                selection = uncompensated(layer, side, selection)
-            layer = pruned(layer, side, selection)
-    return layer
-
-
-def prune_layers(model: nn.Module, ratios: Mapping[str, float], method: str, *,
-                 min_channels: int = 1, seed: int = 0, sides: Sequence[str] = SIDES,
-                 compensate: bool = True) -> dict[str, LayerWidths]:
-    """Prune each wrapped layer named in ``ratios`` by its ratio (``fraction_pruned``), in place,
-    dropping the identity adapters of its unpruned sides; return the widths of all wrapped
-    layers."""
-    for name, fraction in ratios.items():
-        layer = model.get_submodule(name)
-        if not isinstance(layer, AdaptedConv):
-            raise HbgsError(f"layer {name!r} is not a wrapped conv; call wrap_model(model) first")
-        layer = fraction_pruned(layer, fraction, method, min_channels=min_channels, seed=seed,
-                                sides=sides, compensate=compensate)
-        drop_identity_adapters(layer)  # nothing for later fine-tuning to move on unpruned sides
-        replace_module(model, name, layer)
-    return channel_widths(model)
-
-
-def prune_uniform_fraction(model: nn.Module, fraction: float, method: str, *,
-                           min_channels: int = 1, seed: int = 0) -> dict[str, LayerWidths]:
-    """The lower level alone: remove the same ``fraction`` of channels from every wrapped conv
-    of ``model`` (output side, then input side), in place; return the widths."""
-    return prune_layers(model, dict.fromkeys(wrapped_layers(model), fraction), method,
-                        min_channels=min_channels, seed=seed)
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -191,7 +137,7 @@ def layer_sensitivity(model: nn.Module, calib_x: torch.Tensor, calib_y: torch.Te
     kind = SuffixCache if use_cache else FullNetworkEvaluator
     evaluator = kind(model, calib_x, layers, chunk_size=chunk_size, stats=stats)
     evaluator.refresh()
-    score = _accuracy if measure == "accuracy" else _loss
+    score = accuracy if measure == "accuracy" else loss
     base = score(evaluator.end_values(), calib_y)
     sign = 1.0 if measure == "accuracy" else -1.0  # a drop is lost accuracy or gained loss
     drops = {}
@@ -213,7 +159,7 @@ def group_sensitivity(model: nn.Module, calib_x: torch.Tensor, calib_y: torch.Te
     """``layer_sensitivity`` for ``surgery="remove"``: each channel group's drop in calibration
     ``measure`` when only it loses each ratio of its channels (compensated); whole-network
     forwards. ``model`` is not changed."""
-    score = _accuracy if measure == "accuracy" else _loss
+    score = accuracy if measure == "accuracy" else loss
 
     def measured(net):
         with torch.no_grad():
@@ -348,13 +294,3 @@ class _Search:
 def _check_ratios(ratios: Sequence[float]) -> None:
     if not ratios or list(ratios) != sorted(set(ratios)) or not 0 < ratios[0] <= ratios[-1] <= 1:
         raise HbgsError(f"ratios must be distinct, ascending and in (0, 1], got {list(ratios)}")
-
-
-def _accuracy(values, labels) -> float:
-    correct = sum((v.argmax(1) == labels[s]).sum().item() for s, v in values)
-    return 100.0 * correct / len(labels)
-
-
-def _loss(values, labels) -> float:
-    total = sum(F.cross_entropy(v.double(), labels[s], reduction="sum").item() for s, v in values)
-    return total / len(labels)

@@ -172,6 +172,28 @@ def fold_identity_adapters(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, AdaptedConv)]
 
 
+def drop_identity_adapters(model: nn.Module) -> None:
+    """Remove the identity adapters (sides never pruned) of every wrapped layer, in place; the
+    layers stay wrapped and prunable (an absent adapter acts as the identity) and the network
+    computes the same function. Fine-tuning then has no identity adapter to move: a moved one
+    could not always be folded away (an out-adapter's bias on a bias-free conv), so the saved
+    network would carry adapters that no round counted."""
+    for layer in model.modules():
+        if isinstance(layer, AdaptedConv):
+            if _is_identity(layer.in_adapter):
+                layer.in_adapter = None
+            if _is_identity(layer.out_adapter):
+                layer.out_adapter = None
+
+
+def _is_identity(adapter: nn.Conv2d | None) -> bool:
+    if adapter is None or adapter.in_channels != adapter.out_channels:
+        return False
+    weight = adapter.weight.detach().flatten(1)
+    return torch.equal(weight, torch.eye(len(weight), dtype=weight.dtype, device=weight.device)) \
+        and (adapter.bias is None or not adapter.bias.any())
+
+
 @dataclass
 class LayerWidths:
     """Channel widths of one wrapped conv: as the network sees it (original) and inside."""

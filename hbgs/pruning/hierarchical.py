@@ -29,23 +29,24 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hbgs.accounting import count_macs, count_params
 from hbgs.devices import full_precision
-from hbgs.errors import HbgsError
-from hbgs.pruning.adapters import AdaptedConv, replace_module, wrapped_layers
+from hbgs.errors import HbgsError, check_choice
+from hbgs.pruning.adapters import (AdaptedConv, drop_identity_adapters, replace_module,
+                                   wrapped_layers)
 from hbgs.pruning.compensation import SIDES, apply, propose, pruned
 from hbgs.pruning.costs import (NetworkCost, ReferenceCosts, check_not_met, parse_target,
                                 saved_cost)
 from hbgs.pruning.selectors import METHODS, Selection
-from hbgs.pruning.suffix import (COMPUTE_OPS, FullNetworkEvaluator, ModuleSnapshot, SuffixCache,
-                                 WorkStats, capture, chunk_slices, end_signal, evaluating,
-                                 last_batchnorm, trace)
+from hbgs.pruning.activations import (FullNetworkEvaluator, ModuleSnapshot, WorkStats, capture,
+                                      chunk_slices, end_signal, evaluating, last_batchnorm)
+from hbgs.pruning.criteria import LOOP_CRITERIA
+from hbgs.pruning.scoring import loss, relative_error
+from hbgs.pruning.suffix import COMPUTE_OPS, SuffixCache, trace
+from hbgs.pruning.surgery import SURGERIES
 
-CRITERIA = ("hbgs", "hbgts")
-SURGERIES = ("adapters", "remove")
 # error: the paper's (the error a step causes); error_per_cost: that error's increase over the
 # current network's, per unit of the target metric (params or FLOPs, as a fraction of the
 # original network's) the step saves.
@@ -78,7 +79,7 @@ def check_loop_arguments(criterion, signal, method, score, step, min_channels, c
                          chunk_size) -> int | float:
     """HbgsError for the first bad argument of a pruning loop (either surgery); the checked
     step."""
-    check_choice("criterion", criterion, CRITERIA)
+    check_choice("criterion", criterion, LOOP_CRITERIA)
     check_choice("signal", signal, SIGNALS)
     check_choice("method", method, METHODS)
     check_choice("score", score, SCORES)
@@ -131,28 +132,6 @@ def smallest_reachable_cost(model: nn.Module, reference: ReferenceCosts, step: i
         replace_module(skeleton, name, AdaptedConv.from_spec(spec, like=layer.conv.weight))
     return NetworkCost.of(count_params(skeleton), count_macs(skeleton, reference.input_size),
                           reference)
-
-
-def drop_identity_adapters(model: nn.Module) -> None:
-    """Remove the identity adapters (sides never pruned) of every wrapped layer, in place; the
-    layers stay wrapped and prunable (an absent adapter acts as the identity) and the network
-    computes the same function. Fine-tuning then has no identity adapter to move: a moved one
-    could not always be folded away (an out-adapter's bias on a bias-free conv), so the saved
-    network would carry adapters that no round counted."""
-    for layer in model.modules():
-        if isinstance(layer, AdaptedConv):
-            if _is_identity(layer.in_adapter):
-                layer.in_adapter = None
-            if _is_identity(layer.out_adapter):
-                layer.out_adapter = None
-
-
-def _is_identity(adapter: nn.Conv2d | None) -> bool:
-    if adapter is None or adapter.in_channels != adapter.out_channels:
-        return False
-    weight = adapter.weight.detach().flatten(1)
-    return torch.equal(weight, torch.eye(len(weight), dtype=weight.dtype, device=weight.device)) \
-        and (adapter.bias is None or not adapter.bias.any())
 
 
 # -- proposals --------------------------------------------------------------------------------
@@ -431,9 +410,7 @@ class HierarchicalPruner:
         """HBGTS's error of end values (per chunk): the calibration loss, or the relative error
         against the original network's signal."""
         if self.signal == "loss":
-            total = sum(F.cross_entropy(v.double(), self.calib_y[s], reduction="sum").item()
-                        for s, v in values)
-            return total / len(self.calib_x)
+            return loss(values, self.calib_y)
         return relative_error([(v, ref) for (_, v), ref in zip(values, self._original_signal)])
 
     def _bring_up_to_date(self) -> None:
@@ -564,25 +541,9 @@ def build_pruner(model: nn.Module, original: nn.Module, calib_x: torch.Tensor,
     return HierarchicalPruner(model, original, calib_x, calib_y, use_cache=use_cache, **kwargs)
 
 
-def relative_error(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """``||A − B|| / ||B||`` over all pairs (chunks) together, accumulated in float64."""
-    error = norm = 0.0
-    for a, b in pairs:
-        b = b.double()
-        error += (a.double() - b).square().sum().item()
-        norm += b.square().sum().item()
-    return math.sqrt(error / norm) if norm > 0 else math.inf
-
-
 def _compute_nodes(model: nn.Module) -> int:
     """Compute nodes of ``model``'s traced graph; 0 when it cannot be traced."""
     try:
         return sum(node.op in COMPUTE_OPS for node in trace(model).nodes)
     except HbgsError:
         return 0
-
-
-def check_choice(what: str, value, valid: Sequence[str]) -> None:
-    """HbgsError naming the valid options when ``value`` is not one of them."""
-    if value not in valid:
-        raise HbgsError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")

@@ -45,8 +45,6 @@ from hbgs.pruning.acra import UniformAllocation
 from hbgs.pruning.costs import ReferenceCosts, check_not_met, parse_target, saved_cost
 from hbgs.pruning.surgery import ChannelSurgery, layer_widths, require_torch_pruning
 
-# criterion name (conf/criterion) → importance; the summary's "selector" for each importance
-PEER_CRITERIA = {"tp_l1": "l1", "tp_group_norm": "group_norm"}
 IMPORTANCES = ("l1", "group_norm")
 GLOBAL_BY_DEFAULT = {"l1": False, "group_norm": True}
 ROOT_TYPES = (nn.Conv2d, nn.Linear)

@@ -28,16 +28,17 @@ import time
 from collections.abc import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hbgs.accounting import count_macs, count_params
 from hbgs.devices import full_precision
 from hbgs.errors import HbgsError
 from hbgs.pruning.costs import NetworkCost, ReferenceCosts, check_not_met, parse_target, saved_cost
+from hbgs.pruning.activations import WorkStats, capture, chunk_slices, evaluating, last_batchnorm
 from hbgs.pruning.hierarchical import (RoundRecord, channels_to_remove, check_loop_arguments,
-                                       per_cost, relative_error, run_rounds, smallest_width)
-from hbgs.pruning.suffix import WorkStats, capture, chunk_slices, evaluating, last_batchnorm
+                                       per_cost, run_rounds, smallest_width)
+from hbgs.pruning.ratios import fraction_count
+from hbgs.pruning.scoring import loss, relative_error
 from hbgs.pruning.surgery import ChannelGroup, ChannelSurgery, input_grams
 
 
@@ -215,8 +216,7 @@ class RemovalPruner:
         signal against the original's (removed channels of the end map count as zeros)."""
         values = [self._signal(model, self.calib_x[s]) for s in self.chunks]
         if self.signal == "loss":
-            return sum(F.cross_entropy(v.double(), self.calib_y[s], reduction="sum").item()
-                       for s, v in zip(self.chunks, values)) / len(self.calib_x)
+            return loss(list(zip(self.chunks, values)), self.calib_y)
         if self.signal == "features":
             values = [_scatter_channels(v, end_kept, ref.shape[1])
                       for v, ref in zip(values, self._original_signal)]
@@ -253,12 +253,10 @@ def _scatter_channels(value: torch.Tensor, kept: list[int], width: int) -> torch
 def remove_by_ratios(model: nn.Module, ratios: dict[str, float], groups: Sequence[ChannelGroup],
                      method: str, calib_x: torch.Tensor, *, min_channels: int = 1, seed: int = 0,
                      compensate: bool = True, ignored: Sequence[str] | None = None) -> None:
-    """Remove the ratio ``ratios[root]`` of each group's channels (as ``acra.fraction_count``
+    """Remove the ratio ``ratios[root]`` of each group's channels (as ``ratios.fraction_count``
     rounds it), group after group in place, each compensated on ``calib_x`` as the network is
     then (``compensate=False``: plain removal). ``groups``: the model's groups before any of
     them was pruned."""
-    from hbgs.pruning.acra import fraction_count
-
     surgery = ChannelSurgery(model, calib_x[:1], ignored)
     for group in groups:
         ratio = ratios.get(group.root, 0.0)

@@ -35,6 +35,8 @@ from hbgs.errors import HbgsError
 from hbgs.pruning.compensation import combine, propose
 from hbgs.pruning.selectors import RIDGE, Selection, select_filters
 
+# How a pruning run takes channels away: the paper's 1×1 adapters, or removal for real (here).
+SURGERIES = ("adapters", "remove")
 # A consumer whose input has more features than this is not compensated (its Gram matrix would
 # not fit in memory: torchvision VGG's first Linear reads 25,088 features).
 MAX_COMPENSATED_WIDTH = 8192
