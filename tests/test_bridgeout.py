@@ -95,7 +95,7 @@ def test_add_targets_spatial_convs_only_and_remove_restores_plain_weights():
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     with pytest.raises(HbgsError, match="no conv with a spatial kernel"):
         add_bridgeout(nn.Sequential(nn.Conv2d(3, 4, 1)))
-    with pytest.raises(HbgsError, match="p"):
+    with pytest.raises(HbgsError, match=r"^bridgeout p \(drop probability\) must lie in \[0, 1\), got 1\.0$"):
         BatchBridgeout(p=1.0)
 
 

@@ -124,7 +124,7 @@ def test_train_with_bridgeout_saves_a_plain_model(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["stage=eval", "ckpt=null"], "pass ckpt=<path to model.pt>"),
-    (["model=vgg16"], "the zoo has no vgg16 trained on cifar10"),
+    (["model=resnet32"], "the zoo has no resnet32 trained on cifar10"),
     (["stage=eval", "ckpt=/no/such/model.pt"], "stage=train"),
     (["stage=prune", "ckpt=null"], "stage=prune needs a trained model"),
     (["stage=fly"], "must be one of train, eval, prune, robustness"),

@@ -4,6 +4,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from conftest import CONF_DIR
@@ -70,8 +71,39 @@ def test_logger_options_build(name, tmp_path):
         assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
+# What each option of the pruning groups composes to (its own keys and those it inherits).
+PRUNING_OPTIONS = {
+    "selector": {name: {"method": name} for name in ("backward", "l1", "l2", "omp", "random")},
+    "criterion": {
+        "hbgs": {"name": "hbgs", "step": 5, "min_channels": 1, "calib_batch": 512, "score": "error",
+                 "target": {"params": 50, "flops": None}},
+        "hbgts": {"name": "hbgts", "step": 5, "min_channels": 1, "calib_batch": 512, "score": "error",
+                  "target": {"params": 50, "flops": None}, "signal": "features"},
+        "uniform": {"name": "uniform", "tolerance": 0.5, "target": {"params": 50, "flops": None},
+                    "min_channels": 1, "calib_batch": 512},
+        "sensitivity": {"name": "sensitivity", "tolerance": 0.5, "target": {"params": 50, "flops": None},
+                        "min_channels": 1, "calib_batch": 512,
+                        "ratios": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]},
+        "uniform_fraction": {"name": "uniform_fraction", "fraction": 0.5, "min_channels": 1, "calib_batch": 256},
+        "tp_l1": {"name": "tp_l1", "importance": "l1", "global_pruning": False, "tolerance": 0.5,
+                  "target": {"params": 50, "flops": None}},
+        "tp_group_norm": {"name": "tp_group_norm", "importance": "group_norm", "global_pruning": True,
+                          "tolerance": 0.5, "target": {"params": 50, "flops": None}},
+    },
+    "finetune": {
+        "default": {"every": 1, "steps": 100, "final_epochs": 1, "bn_recalibrate": 0, "lr": 1e-3,
+                    "final_lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-4, "kd_temperature": 2.0,
+                    "kd_weight": 1.0},
+        "none": {"every": 0, "steps": 0, "final_epochs": 0, "bn_recalibrate": 0, "lr": 1e-3,
+                 "final_lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-4, "kd_temperature": 2.0,
+                 "kd_weight": 1.0},
+    },
+}
+
+
 @pytest.mark.parametrize("group", ["selector", "criterion", "finetune"])
 def test_pruning_groups_compose(group):
+    assert options(group) == sorted(PRUNING_OPTIONS[group])  # a new option needs its row here
     for name in options(group):
         cfg = compose_with(f"{group}={name}")
-        assert cfg[group] is not None
+        assert OmegaConf.to_container(cfg[group]) == PRUNING_OPTIONS[group][name], name
