@@ -188,8 +188,9 @@ def sensitivity_allocation(model: nn.Module, original: nn.Module, calib_x: torch
                            use_cache: bool = True, chunk_size: int | None = None,
                            surgery: str = "adapters") -> SensitivityAllocation:
     """ACRA sensitivity: measure ``layer_sensitivity`` (on the calibration batch, never the
-    test split), then the smallest threshold ``t`` (among the measured drops, by bisection)
-    whose allocation ``table.allocation(t)`` meets the target. ``model`` (wrapped) is not
+    test split), then by bisection over the measured drops a threshold ``t`` whose allocation
+    ``table.allocation(t)`` meets the target: the smallest such with ``tolerance=0``, otherwise
+    the first found within ``tolerance`` points of the target (fewer evaluations). ``model`` (wrapped) is not
     changed: the result holds a pruned copy, the ratios and the table. ``surgery="remove"``:
     ``model`` unwrapped, one sensitivity row per channel group (``group_sensitivity``)."""
     _check_ratios(ratios)
