@@ -43,13 +43,13 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from hbgs.atomic import atomic_file
 from hbgs.errors import HbgsError
 from hbgs.pruning.adapters import AdaptedConv
 
@@ -90,20 +90,8 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, model_cfg: Mapping 
         if is_channels_last(model):
             payload["memory_format"] = "channels_last"
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a model file is an ordinary file
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        torch.save(payload, f)
     return path
 
 

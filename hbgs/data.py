@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
 
+from hbgs.atomic import atomic_file
 from hbgs.errors import HbgsError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -166,10 +167,8 @@ def load_image_folder(root: Path, split: str, cache_dir: str | None) -> tuple[Im
         saved = torch.load(cache)
         return ImageSplit(saved["images"], saved["labels"]), saved["classes"]
     data, classes = decode_image_folder(directory)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache.with_suffix(".tmp")
-    torch.save({"images": data.images, "labels": data.labels, "classes": classes}, partial)
-    os.replace(partial, cache)  # never leave a half-written cache behind
+    with atomic_file(cache) as f:  # never leave a half-written cache behind
+        torch.save({"images": data.images, "labels": data.labels, "classes": classes}, f)
     return data, classes
 
 

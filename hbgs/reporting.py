@@ -4,7 +4,6 @@ experiment loggers (W&B offline by default, CSV)."""
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import matplotlib
@@ -12,16 +11,16 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
+from hbgs.atomic import atomic_file  # noqa: E402
+
 
 def write_csv(path: Path, rows: list[dict]) -> None:
     """Rows of dicts to CSV (columns: union of keys, first-seen order), written atomically."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    partial = path.with_suffix(".tmp")
-    with open(partial, "w", newline="") as f:
+    with atomic_file(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(partial, path)
 
 
 def plot_accuracy_vs_flops(path: Path, history: list[dict], dense_acc: float | None, title: str) -> None:
@@ -80,10 +79,9 @@ def plot_robustness(path: Path, rows: list[dict], title: str) -> None:
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
-    partial = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(partial, dpi=120)
+    with atomic_file(path) as f:
+        fig.savefig(f, dpi=120, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
-    os.replace(partial, path)
 
 
 class LoggerRoundCallback:

@@ -38,7 +38,8 @@ def main(cfg: DictConfig) -> dict | None:
         log.error("%s", e)
         sys.exit(2)
     from hbgs.loggers import finish_wandb
-    from hbgs.run_state import RunStopped, resumed_run_dir, write_atomically
+    from hbgs.atomic import write_atomically
+    from hbgs.run_state import RunStopped, resumed_run_dir
     from hbgs.stages import STAGES, write_json
     from hbgs.zoo import resolve_ckpt
 

@@ -34,7 +34,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hbgs.atomic import copy_atomically, write_atomically
 from hbgs.errors import HbgsError
 
 log = logging.getLogger("hbgs")
@@ -132,36 +132,6 @@ def _unb64(text: str) -> torch.Tensor:
 
 
 # -- the state on disk -------------------------------------------------------------------------
-
-def write_atomically(path: Path, text: str) -> None:
-    """``text`` to ``path`` through a temp file in the same folder and ``os.replace``: a reader
-    sees the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # an ordinary file, not mkstemp's private one
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def copy_atomically(source: Path, target: Path) -> None:
-    """``source`` copied to ``target`` as ``write_atomically`` writes."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copy(source, tmp)  # with the source's permissions
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 class RunState:
     """The resumable state of the prune run writing into ``run_dir`` (see the module docstring).

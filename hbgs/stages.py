@@ -4,7 +4,6 @@ writing summary.json, so a directory without one is a run that did not complete.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -17,15 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 from hbgs.accounting import count_macs, count_params, measure_latencies
 from hbgs.bridgeout import regularizer_callbacks
 from hbgs.checkpoint import load_meta, load_model, save_model
+from hbgs.atomic import write_atomically
 from hbgs.devices import run_device
 from hbgs.loggers import build_logger
 from hbgs.module import Classifier, evaluate_accuracy
 
 
 def write_json(path: Path, data: dict) -> None:
-    partial = path.with_suffix(".tmp")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(partial, path)
+    write_atomically(path, json.dumps(data, indent=2) + "\n")
 
 
 def model_config(cfg: DictConfig) -> dict:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from hbgs import models
 from hbgs.accounting import count_macs, count_params
+from hbgs.atomic import atomic_file
 from hbgs.checkpoint import save_model
 from hbgs.data import DeviceBatches, ImageDataModule
 
@@ -104,9 +105,8 @@ def bf16_is_fast(device: torch.device) -> bool:
 
 
 def save_state(path: Path, **state) -> None:
-    partial = path.with_suffix(".tmp")
-    torch.save(state, partial)
-    os.replace(partial, path)  # a stop mid-write leaves the previous epoch's state intact
+    with atomic_file(path) as f:  # a stop mid-write leaves the previous epoch's state intact
+        torch.save(state, f)
 
 
 def datamodule(args) -> ImageDataModule:
