@@ -13,49 +13,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import REPO
+from test_hierarchical import PlainNet, wrapped
 from hbgs.bridgeout import add_bridgeout, has_bridgeout
 from hbgs.errors import HbgsError
 from hbgs.models import resnet18
 from hbgs.module import Classifier
-from hbgs.pruning import channel_widths, wrap_model
+from hbgs.pruning import channel_widths
 from hbgs.pruning.acra import layer_sensitivity, sensitivity_allocation
 from hbgs.pruning.costs import ReferenceCosts, saved_cost
 from hbgs.pruning.hierarchical import HierarchicalPruner, hierarchical_prune, run_rounds
 from hbgs.pruning.ratios import prune_layers
 
 
-class SmallNet(nn.Module):
-    """Stem 3→8, then 3×3 conv-BN-ReLU layers ``a`` 8→16, ``b`` and ``c`` 16→16, pool, linear."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.a, self.b, self.c = (nn.Conv2d(i, 16, 3, padding=1, bias=False) for i in (8, 16, 16))
-        self.bns = nn.ModuleList(nn.BatchNorm2d(w) for w in (8, 16, 16, 16))
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x):
-        for conv, bn in zip((self.stem, self.a, self.b, self.c), self.bns):
-            x = torch.relu(bn(conv(x)))
-        return self.fc(x.mean((2, 3)))
-
-
 def small_net(seed: int) -> nn.Module:
-    """``SmallNet`` in eval mode with seeded weights and non-trivial BatchNorm statistics."""
+    """``PlainNet`` (stem 3→8, 3×3 conv-BN-ReLU layers ``a`` 8→16, ``b`` and ``c`` 16→16, pool,
+    linear) in eval mode with seeded weights and non-trivial BatchNorm statistics, all drawn from
+    torch's global generator (the tests below were sized on these values)."""
     torch.manual_seed(seed)
-    model = SmallNet()
+    model = PlainNet()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             for tensor, low, high in ((m.weight, 0.5, 1.5), (m.bias, -0.2, 0.2),
                                       (m.running_mean, -0.2, 0.2), (m.running_var, 0.5, 1.5)):
                 tensor.data.uniform_(low, high)
     return model.eval()
-
-
-def wrapped(original: nn.Module) -> nn.Module:
-    model = copy.deepcopy(original)
-    wrap_model(model)
-    return model
 
 
 # -- distillation -----------------------------------------------------------------------------
