@@ -71,7 +71,9 @@ def test_prune_decisions_do_not_depend_on_the_test_split(tmp_path, cifar10_root)
     assert len(history) >= 2 and history == read_history(dir_b)
     assert a["accuracy"]["dense_calib"] == b["accuracy"]["dense_calib"]
     assert a["accuracy"]["final_finetune_steps"] == b["accuracy"]["final_finetune_steps"] == 1
-    assert a["widths"] == b["widths"] and a["cost"] == b["cost"]
+    assert a["widths"] == b["widths"]
+    # cost.exported depends on the export's layout choices, made by timing: not a pruning decision
+    assert {k: v for k, v in a["cost"].items() if k != "exported"} == {k: v for k, v in b["cost"].items() if k != "exported"}
     state_a = load_model(dir_a / "model.pt").state_dict()
     state_b = load_model(dir_b / "model.pt").state_dict()
     assert state_a.keys() == state_b.keys()

@@ -13,7 +13,7 @@ from hbgs.pruning.hierarchical import HierarchicalPruner, channels_to_remove, pe
 from hbgs.pruning.removal import RemovalPruner
 
 from conftest import REPO
-from test_hierarchical import PlainNet, randomised, wrapped
+from helpers import PlainNet, randomised, wrapped
 
 
 def test_per_cost_prefers_the_step_that_saves_more_at_equal_error():
