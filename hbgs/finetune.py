@@ -16,7 +16,7 @@ import lightning as L
 import torch
 import torch.nn as nn
 
-from hbgs.devices import module_device
+from hbgs.devices import lightning_precision, module_device
 from hbgs.errors import HbgsError
 from hbgs.module import Classifier
 
@@ -73,7 +73,8 @@ def finetune(model: nn.Module, datamodule, teacher: nn.Module | None, cfg, *, st
     module = Classifier(model, num_classes=datamodule.num_classes, lr=lr, momentum=cfg.momentum,
                         weight_decay=cfg.weight_decay, schedule="cosine", teacher=teacher,
                         kd_temperature=cfg.kd_temperature, kd_weight=cfg.kd_weight)
-    device = {} if trainer_cfg is None else {k: trainer_cfg[k] for k in ("accelerator", "devices", "precision")}
+    device = {} if trainer_cfg is None else {"accelerator": trainer_cfg.accelerator, "devices": trainer_cfg.devices,
+                                             "precision": lightning_precision(trainer_cfg)}
     with quiet_lightning(epochs == 0):
         trainer = L.Trainer(
             max_steps=steps if steps > 0 else -1, max_epochs=epochs if epochs > 0 else None,

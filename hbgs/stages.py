@@ -17,7 +17,7 @@ from hbgs.accounting import count_macs, count_params, measure_latencies
 from hbgs.bridgeout import regularizer_callbacks
 from hbgs.checkpoint import load_meta, load_model, save_model
 from hbgs.atomic import write_atomically
-from hbgs.devices import run_device
+from hbgs.devices import lightning_precision, run_device
 from hbgs.loggers import build_logger
 from hbgs.module import Classifier, evaluate_accuracy
 
@@ -36,7 +36,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, run_name: str, callbacks=()) -
     # each process normalising with its own batch statistics (DDP broadcasts rank 0's buffers).
     sync = {"sync_batchnorm": False} if cfg.trainer.get("sync_batchnorm") and run_device(cfg.trainer).type == "cpu" \
         else {}
-    return instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=logger, callbacks=list(callbacks), **sync)
+    return instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=logger, callbacks=list(callbacks),
+                       precision=lightning_precision(cfg.trainer), **sync)
 
 
 def measurements(model, datamodule, test_acc: float) -> dict:

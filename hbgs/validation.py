@@ -37,9 +37,10 @@ LOGGERS = ("wandb", "csv", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 REGULARIZERS = ("none", "bridgeout")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
-# Lightning's precisions (its transformer-engine ones need a library hbgs does not install)
+# Lightning's precisions (its transformer-engine ones need a library hbgs does not install), and
+# auto: bf16-mixed where the CPU is fast at it, else 32-true (hbgs.devices.lightning_precision)
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true",
-              32, 16, 64, "32", "16", "64", "bf16")
+              32, 16, 64, "32", "16", "64", "bf16", "auto")
 # Precisions that convert the weights for good (Lightning casts the module): the pruning loop
 # then meets float32 calibration images, and the teacher is converted too.
 CASTING_PRECISIONS = ("16-true", "bf16-true", "64-true", 64, "64")
@@ -281,7 +282,7 @@ def _check_target(cfg: DictConfig) -> None:
 
 def _check_finetune(cfg: DictConfig) -> None:
     _integer(cfg, "finetune.every", 0, "finetune.every=1", note="rounds between short fine-tunes; 0: never")
-    _integer(cfg, "finetune.steps", 0, "finetune.steps=100")
+    _integer(cfg, "finetune.steps", 0, "finetune.steps=20")
     _integer(cfg, "finetune.final_epochs", 0, "finetune.final_epochs=1")
     _integer(cfg, "finetune.bn_recalibrate", 0, "finetune.bn_recalibrate=256", optional=True,
              note="calibration images; 0: off")

@@ -43,6 +43,7 @@ from hbgs.accounting import count_macs, count_params
 from hbgs.atomic import atomic_file
 from hbgs.checkpoint import save_model
 from hbgs.data import DeviceBatches, ImageDataModule
+from hbgs.devices import bf16_is_fast
 
 # Per model: batch size, peak learning rate, the most epochs a budget may buy.
 RECIPES = {
@@ -92,18 +93,6 @@ def accuracy(model: torch.nn.Module, batches: DeviceBatches, bf16: bool) -> floa
     return float(correct) / total
 
 
-def bf16_is_fast(device: torch.device) -> bool:
-    """bf16 autocast pays on a GPU and on CPUs with bf16 instructions (AVX512-BF16, AMX): there
-    it halves a VGG-16 step (measured on this project's 2-core EPYC)."""
-    if device.type == "cuda":
-        return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def save_state(path: Path, **state) -> None:
     with atomic_file(path) as f:  # a stop mid-write leaves the previous epoch's state intact
         torch.save(state, f)
@@ -123,7 +112,7 @@ def train_one(name: str, args) -> dict:
     torch.backends.cudnn.benchmark = True
     recipe = {**RECIPES[name], **{k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr),
                                                        ("max_epochs", args.max_epochs)) if v is not None}}
-    bf16 = bf16_is_fast(device) if args.bf16 is None else args.bf16
+    bf16 = bf16_is_fast(device.type) if args.bf16 is None else args.bf16
     layout = torch.channels_last if bf16 else torch.contiguous_format
     dm = datamodule(args)
     train = DeviceBatches(dm.splits["train"], dm.mean, dm.std, recipe["batch_size"], augment=True, device=device,

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from conftest import CONF_DIR
+from hbgs.devices import lightning_precision
 from hbgs.data import ImageDataModule
 from hbgs.loggers import build_logger, finish_wandb
 
@@ -51,7 +52,8 @@ def test_dataset_options_instantiate(name, tmp_path):
 
 
 def test_trainer_options_compose_and_cpu_instantiates(tmp_path):
-    trainer = instantiate(compose_with("trainer=cpu").trainer, default_root_dir=str(tmp_path), logger=False)
+    cpu = compose_with("trainer=cpu").trainer
+    trainer = instantiate(cpu, default_root_dir=str(tmp_path), logger=False, precision=lightning_precision(cpu))
     assert trainer.max_epochs == 30
     assert compose_with("trainer=gpu").trainer.accelerator == "gpu"
     ddp = compose_with("trainer=ddp").trainer
@@ -91,7 +93,7 @@ PRUNING_OPTIONS = {
                           "tolerance": 0.5, "target": {"params": 50, "flops": None}},
     },
     "finetune": {
-        "default": {"every": 1, "steps": 100, "final_epochs": 1, "bn_recalibrate": 0, "lr": 1e-3,
+        "default": {"every": 1, "steps": 20, "final_epochs": 1, "bn_recalibrate": 0, "lr": 1e-3,
                     "final_lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-4, "kd_temperature": 2.0,
                     "kd_weight": 1.0},
         "none": {"every": 0, "steps": 0, "final_epochs": 0, "bn_recalibrate": 0, "lr": 1e-3,

@@ -16,8 +16,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from hbgs.accounting import count_macs, count_params, measure_latencies
+from hbgs.checkpoint import load_model
 from hbgs.data import DeviceBatches, ImageSplit
-from hbgs.devices import full_precision, module_device, run_device
+from hbgs.devices import fast_layout, full_precision, lightning_precision, module_device, run_device
 from hbgs.finetune import finetune
 from hbgs.models import resnet20
 from hbgs.module import evaluate_accuracy
@@ -153,6 +154,39 @@ class DeviceData:
     def train_batches(self, device):
         self.asked.append(device)
         return self.batches
+
+
+def test_auto_precision_is_bf16_mixed_exactly_where_the_device_has_bf16_instructions():
+    flags = open("/proc/cpuinfo").read()
+    cpu_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    auto = {"accelerator": "cpu", "devices": 1, "precision": "auto"}
+    assert lightning_precision(OmegaConf.create(auto)) == ("bf16-mixed" if cpu_bf16 else "32-true")
+    assert lightning_precision(OmegaConf.create({**auto, "accelerator": "gpu"})) == "bf16-mixed"
+    assert lightning_precision(OmegaConf.create({**auto, "precision": "32-true"})) == "32-true"
+    assert OmegaConf.load(REPO / "conf/trainer/cpu.yaml").precision == "auto"
+
+
+def test_channels_last_scores_pick_what_the_contiguous_layout_picks(one_thread):
+    original = load_model(zoo_checkpoint("resnet20", "cifar10")).eval()
+    x, y = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.arange(48) % 10
+    records = {}
+    for layout in ("contiguous", "channels_last"):
+        model, teacher, calib = copy.deepcopy(original), copy.deepcopy(original), x
+        if layout == "channels_last":
+            fast_layout(model), fast_layout(teacher)
+            calib = fast_layout(x)
+            assert calib.is_contiguous(memory_format=torch.channels_last)
+            assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(model(calib), original(x), rtol=1e-5, atol=1e-5)
+        wrap_model(model)
+        pruner = build_pruner(model, teacher, calib, y, criterion="hbgts", signal="features", step=5)
+        records[layout] = [pruner.run_round() for _ in range(3)]
+    plain, fast = records["contiguous"], records["channels_last"]
+    assert [(r.layer, r.side) for r in fast] == [(r.layer, r.side) for r in plain]
+    for a, b in zip(fast, plain):
+        assert a.scores.keys() == b.scores.keys()
+        for key in a.scores:
+            assert a.scores[key] == pytest.approx(b.scores[key], rel=1e-4)
 
 
 def test_a_mixed_precision_finetune_keeps_float32_weights_on_their_device(one_thread):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import REPO
-from test_hierarchical import PlainNet, wrapped
+from helpers import PlainNet, wrapped
 from hbgs.bridgeout import add_bridgeout, has_bridgeout
 from hbgs.errors import HbgsError
 from hbgs.models import resnet18
@@ -229,12 +229,20 @@ def test_selector_benchmark_prints_its_ratio_rows():
     assert {same for _, n, _, _, _, same in rows if int(n) > 64} == {"-"}
 
 
-def test_hierarchical_benchmark_prints_its_ratio_rows():
-    stdout = bench("hbgs.bench.hierarchical", "--rounds", "2", "--calib", "16", "--step", "8")
-    assert "False/True" in stdout
-    ratios = dict(re.findall(r"^(proposals_computed|nodes_run|full_forwards|wall seconds)\s+\S+\s+\S+\s+"
-                             r"(\d+\.\d+)$", stdout, re.M))
-    assert set(ratios) == {"proposals_computed", "nodes_run", "full_forwards", "wall seconds"}
-    assert float(ratios["full_forwards"]) > 1 and float(ratios["nodes_run"]) > 1  # the cache saves work
-    assert re.search(r"^same choices: True; largest relative score difference: \S+$", stdout, re.M)
-    assert len(re.search(r"^choices: (.*)$", stdout, re.M).group(1).split(", ")) == 2
+def test_rounds_benchmark_prints_every_path_with_the_same_choices():
+    stdout = bench("hbgs.bench.rounds", "--models", "resnet20", "--rounds", "2", "--calib", "16", "--step", "8",
+                   "--steps", "1", "--finetune-steps", "10")
+    number = r"(\d+\.\d+)"
+    rows = {path: values for path, *values in re.findall(
+        rf"^(full|suffix|fast)\s+{number}\s+{number}\s+{number}\s+{number}\s+(\S+)\s+(\d+)\s+(\d+)$", stdout, re.M)}
+    assert set(rows) == {"full", "suffix", "fast"}
+    assert rows["full"][4] == "1.00"
+    # the caches compute fewer proposals and run fewer graph nodes than the full-network path
+    assert int(rows["suffix"][5]) < int(rows["full"][5]) and int(rows["suffix"][6]) < int(rows["full"][6])
+    assert rows["fast"][5:] == rows["suffix"][5:]  # the layout changes the speed, not the work
+    assert re.search(r"^same choices on every path: True; largest relative score difference: \S+; choices: "
+                     r"\S+:(in|out), \S+:(in|out)$", stdout, re.M)
+    steps = re.findall(rf"^cpu (float32|channels-last, \S+ ?\S*)\s+{number}\s+{number}\s+{number}$", stdout, re.M)
+    assert [label for label, *_ in steps][0] == "float32" and len(steps) == 2
+    for _, step, _, paper_round in steps:  # the paper round adds 10 steps to a later round's scoring
+        assert float(paper_round) >= 10 * float(step) - 0.05
