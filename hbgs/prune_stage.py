@@ -91,7 +91,8 @@ class RoundReporter:
         self.log.on_round_end(row)
         if self.bar is None:
             self.bar = tqdm(total=round(self.target, 2), unit="%", desc=f"pruning to -{self.target:g}% {self.metric}")
-        self.bar.n = round(min(row[f"{self.metric}_reduction"], self.bar.total), 2)  # set, not added: no float drift
+        # set, not added (no float drift); from 0: the first adapters of a round can add parameters
+        self.bar.n = round(min(max(row[f"{self.metric}_reduction"], 0.0), self.bar.total), 2)
         # the bar itself shows the reduction so far against the target, elapsed time and the ETA
         self.bar.set_postfix(round=row["round"], layer=f"{row['layer']}:{row['side']}",
                              calib_acc=f"{row['calib_acc']:.3f}")

@@ -246,3 +246,12 @@ def test_rounds_benchmark_prints_every_path_with_the_same_choices():
     assert [label for label, *_ in steps][0] == "float32" and len(steps) == 2
     for _, step, _, paper_round in steps:  # the paper round adds 10 steps to a later round's scoring
         assert float(paper_round) >= 10 * float(step) - 0.05
+
+def test_recovery_benchmark_fine_tunes_the_same_cut_network_for_each_length():
+    stdout = bench("hbgs.bench.recovery", "--steps", "0", "3", "--test-images", "100", "--limit-train", "384")
+    dense = float(re.search(r"^dense: calibration (\d+\.\d+)%", stdout, re.M).group(1))
+    rows = re.findall(r"^\s+(\d+)\s+(\d+\.\d+)%\s+(\d+\.\d+)%\s+(\d+\.\d+)$", stdout, re.M)
+    assert [int(steps) for steps, *_ in rows] == [0, 3]
+    (_, cut_calib, _, no_seconds), (_, _, _, seconds) = rows
+    assert float(cut_calib) < dense  # the 10 % cut costs calibration accuracy before any fine-tune
+    assert float(no_seconds) == 0.0 and float(seconds) > 0.0

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The GPU check of issue 10, one call of the device tool (about 7 minutes, under its 10):
+# The GPU check of issue 10, one call of the device tool (about 8 minutes, under its 10):
 #   1. pytest -m gpu: CUDA scores pick what the CPU picks (TF32 off), a prune run with short
 #      fine-tunes that stays on the GPU;
-#   2. stage=eval trainer=gpu of the zoo ResNet-20 (accuracy on the GPU, CPU and CUDA latency);
+#   2. stage=eval trainer=gpu of the zoo ResNet-20 (accuracy on the GPU, CPU and CUDA latency),
+#      and `python -m hbgs.bench.rounds` on the CPU and CUDA (seconds per HBGTS round, ResNet-20,
+#      ResNet-56, VGG-16: suffix cache and fast path, the fine-tune step; 150 s at most);
 #   3. the default prune run (`python -m hbgs.run trainer=gpu logger=csv`: HBGTS-B at the paper's
-#      settings, 5 channels a round and a 100-step fine-tune after every round, to -50 % params)
+#      settings, 5 channels a round and a 20-step fine-tune after every round, to -50 % params)
 #      for GPU_MINUTES, stopped by SIGTERM at a round boundary, with an nvidia-smi trace; beside
 #      it, on the CPU, the same run's first CPU_ROUNDS rounds, for rounds per minute and the
 #      layer choices side by side (round 1 is scored before any fine-tune and must agree; later
@@ -13,12 +15,12 @@
 # Run from the repository root. It needs, carried there (both ignored by git):
 #   .whl/                 wheels the GPU host lacks: hydra-core, omegaconf, antlr4-python3-runtime, torch-pruning
 #   .carry/cifar10.tar.xz the CIFAR-10 ImageFolder (tar cf - cifar10 | xz)
-# Results go to $OUT (7 files): gpu_check.json (the figures), machine.txt, pytest_gpu.log,
+# Results go to $OUT (8 files): gpu_check.json (the figures), machine.txt, pytest_gpu.log, bench_rounds.txt,
 # gpu_history.csv, cpu_history.csv, nvidia_smi.csv, logs.tgz (both prune runs' logs, the eval summary).
 #
 # `run.sh --cpu`: the dry run on a machine without a GPU: the same steps with trainer=cpu and small
 # settings (pytest -m gpu then skips its tests), to check that nothing fails before the GPU parts.
-# Env: GPU_MINUTES (default 5), CPU_ROUNDS (5), PRUNE_ARGS (extra overrides for both prune runs).
+# Env: GPU_MINUTES (default 4), CPU_ROUNDS (5), PRUNE_ARGS (extra overrides for both prune runs).
 set -uo pipefail
 CPU_ONLY=0; [ "${1:-}" = --cpu ] && CPU_ONLY=1
 OUT=${OUT:-/tmp/gpu_check_out}
@@ -44,7 +46,7 @@ if [ $CPU_ONLY = 1 ]; then  # small settings: minutes on a 2-core CPU
   TRAINER=trainer=cpu; MINUTES=${GPU_MINUTES:-1}; ROUNDS=${CPU_ROUNDS:-2}; GPU_THREADS=1; CPU_THREADS=1
   SMALL="dataset.limit_train=2000 dataset.limit_test=500 finetune.steps=5 criterion.calib_batch=64 latency.repeats=2"
 else
-  TRAINER=trainer=gpu; MINUTES=${GPU_MINUTES:-5}; ROUNDS=${CPU_ROUNDS:-5}; GPU_THREADS=4; CPU_THREADS=10; SMALL=""
+  TRAINER=trainer=gpu; MINUTES=${GPU_MINUTES:-4}; ROUNDS=${CPU_ROUNDS:-5}; GPU_THREADS=4; CPU_THREADS=10; SMALL=""
 fi
 PRUNE="logger=csv trainer.enable_progress_bar=false $SMALL ${PRUNE_ARGS:-}"
 
@@ -60,6 +62,9 @@ tail -3 "$OUT/pytest_gpu.log"
 # 2. eval on the run's device
 timeout 120 python3 -m hbgs.run stage=eval $TRAINER logger=none latency.repeats=5 hydra.run.dir=$WORK/eval \
   > $WORK/eval.log 2>&1; echo "eval: exit $?" | tee -a $WORK/eval.log
+if [ $CPU_ONLY = 1 ]; then BENCH="--models resnet20 --calib 64 --devices cpu"; else BENCH="--devices cpu cuda"; fi
+timeout 150 python3 -m hbgs.bench.rounds $BENCH --skip full --rounds 2 --threads $CPU_THREADS > "$OUT/bench_rounds.txt" 2>&1
+echo "bench.rounds: exit $? (124: cut at 150 s; what it printed is kept)" | tee -a "$OUT/bench_rounds.txt"
 
 # 3. the default prune run on the GPU for MINUTES, its first rounds on the CPU beside it
 SMI=""

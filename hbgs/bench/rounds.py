@@ -25,6 +25,7 @@ import argparse
 import copy
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -155,7 +156,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per path (the first builds the caches)")
     parser.add_argument("--calib", type=int, default=512, help="calibration images (criterion.calib_batch)")
     parser.add_argument("--step", type=float, default=5, help="criterion.step")
-    parser.add_argument("--finetune-steps", type=int, default=40, help="finetune.steps, for the paper round")
+    parser.add_argument("--finetune-steps", type=int, default=20, help="finetune.steps, for the paper round")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5, help="timed fine-tune steps (median)")
     parser.add_argument("--skip", nargs="*", default=(), choices=PATHS, help="paths not to run (full is slow)")
@@ -166,6 +167,7 @@ def main(argv=None) -> None:
     args.devices = [torch.device(d) for d in args.devices]
     if args.threads:
         torch.set_num_threads(args.threads)
+    print("python -m hbgs.bench.rounds " + " ".join(sys.argv[1:] if argv is None else argv))
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, load average "
           f"{os.getloadavg()[0]:.2f} at start"
           + "".join(f", {torch.cuda.get_device_name(d)}" for d in args.devices if d.type == "cuda"))
