@@ -329,11 +329,12 @@ def assert_scores_agree(record, expected) -> None:
     assert record.score == pytest.approx(expected[best], rel=1e-6, abs=1e-12)
 
 
+# Each upper-level score: HBGS (a layer's own output) and HBGTS on each end signal
+EVERY_SCORE = [("hbgs", "features"), ("hbgts", "features"), ("hbgts", "logits"), ("hbgts", "loss")]
 SMALL_RESNET_END = "layer3.2.bn2"  # the last BatchNorm2d to run in CifarResNet's forward
 
 
-@pytest.mark.parametrize("criterion,signal", [("hbgs", "features"), ("hbgts", "features"),
-                                              ("hbgts", "logits"), ("hbgts", "loss")])
+@pytest.mark.parametrize("criterion,signal", EVERY_SCORE)
 @pytest.mark.usefixtures("one_thread")
 def test_adapter_scores_equal_an_independent_recomputation_after_several_rounds(criterion,
                                                                                  signal):
@@ -401,8 +402,7 @@ def removal_scores_by_hand(model, original, x, y, criterion, signal, step, end):
     return scores
 
 
-@pytest.mark.parametrize("criterion,signal", [("hbgs", "features"), ("hbgts", "features"),
-                                              ("hbgts", "logits"), ("hbgts", "loss")])
+@pytest.mark.parametrize("criterion,signal", EVERY_SCORE)
 @pytest.mark.usefixtures("one_thread")
 def test_removal_scores_equal_an_independent_recomputation_after_several_rounds(criterion,
                                                                                  signal):
