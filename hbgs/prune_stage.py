@@ -405,7 +405,9 @@ def rounds_details(run: PruneRun) -> dict:
     return {"rounds": len(history), "signal": options.get("signal") if run.criterion == "hbgts" else None,
             "score": options.get("score", "error"), "step": options.step, "calib_batch": calib_batch,
             "propose_seconds": sum(r["propose_seconds"] for r in history),
-            "score_seconds": sum(r["score_seconds"] for r in history)}
+            "score_seconds": sum(r["score_seconds"] for r in history),
+            # error_per_latency: how many layer shapes were timed, at what batch, the dense network's sum
+            "latency_table": run.pruner.latencies.summary() if getattr(run.pruner, "latencies", None) else None}
 
 
 def prune_acra_uniform(run: PruneRun) -> dict:

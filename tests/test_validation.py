@@ -104,7 +104,7 @@ BAD_INPUTS = [
     (["criterion.name=hbgx"], "criterion.name=hbgx must be one of hbgs, hbgts, uniform, sensitivity, "
                               "uniform_fraction, tp_l1, tp_group_norm, e.g. criterion=hbgts"),
     (["criterion.step=0"], "criterion.step=0 must be a channel count"),
-    (["criterion.score=cost"], "criterion.score=cost must be one of error, error_per_cost"),
+    (["criterion.score=cost"], "criterion.score=cost must be one of error, error_per_cost, error_per_latency"),
     (["criterion=uniform", "criterion.tolerance=-1"], "criterion.tolerance=-1 must be a number ≥ 0 (% points of "
                                                       "the target), e.g. criterion.tolerance=0.5"),
     (["criterion=sensitivity", "criterion.ratios=[0.5,0.2]"], "criterion.ratios=[0.5,0.2] must be distinct "

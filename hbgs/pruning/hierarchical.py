@@ -37,8 +37,8 @@ from hbgs.errors import HbgsError, check_choice
 from hbgs.pruning.adapters import (AdaptedConv, drop_identity_adapters, replace_module,
                                    wrapped_layers)
 from hbgs.pruning.compensation import SIDES, apply, propose, pruned
-from hbgs.pruning.costs import (NetworkCost, ReferenceCosts, check_not_met, parse_target,
-                                saved_cost)
+from hbgs.pruning.costs import (LayerLatencies, NetworkCost, ReferenceCosts, as_saved,
+                                check_not_met, parse_target, saved_cost)
 from hbgs.pruning.selectors import METHODS, Selection
 from hbgs.pruning.activations import (FullNetworkEvaluator, ModuleSnapshot, WorkStats, capture,
                                       chunk_slices, end_signal, evaluating, last_batchnorm)
@@ -49,8 +49,10 @@ from hbgs.pruning.surgery import SURGERIES
 
 # error: the paper's (the error a step causes); error_per_cost: that error's increase over the
 # current network's, per unit of the target metric (params or FLOPs, as a fraction of the
-# original network's) the step saves.
-SCORES = ("error", "error_per_cost")
+# original network's) the step saves; error_per_latency: the same increase per unit of measured
+# latency saved (a fraction of the original network's, from a table of layer timings).
+SCORES = ("error", "error_per_cost", "error_per_latency")
+COST_AWARE = ("error_per_cost", "error_per_latency")
 SIGNALS = ("features", "logits", "loss")
 
 
@@ -216,7 +218,7 @@ class RoundRecord:
     full_forwards: int
     layer_forwards: int
     error: float | None = None  # the choice's error (its score when score="error")
-    saved: float | None = None  # score="error_per_cost": the fraction of the target metric it saved
+    saved: float | None = None  # cost-aware scores: the fraction of the target metric (or latency) it saved
     scores: dict[str, float] = field(default_factory=dict)  # "layer:side" → score, this round
 
     @classmethod
@@ -266,6 +268,7 @@ class HierarchicalPruner:
         self.use_cache, self.chunk_size = use_cache, chunk_size
         self.score, self.metric = score, "params"  # the metric error_per_cost divides by
         self.reference = ReferenceCosts.measure(original, input_size)
+        self.latencies = LayerLatencies(original, input_size) if score == "error_per_latency" else None
         self.stats = WorkStats()
         self.proposals = ProposalCache(method, seed, self.stats, enabled=use_cache)
         self.rounds = 0
@@ -285,12 +288,13 @@ class HierarchicalPruner:
 
     def state(self) -> dict:
         """What a resumed run needs besides the model to continue this loop (caches are rebuilt
-        from the model, with the same values): plain data for ``restore``."""
-        return {"rounds": self.rounds}
+        from the model, with the same values; layer timings are kept): plain data for ``restore``."""
+        return {"rounds": self.rounds} | latency_state(self.latencies)
 
     def restore(self, state: dict) -> None:
         """Continue from ``state()`` of a loop that ran on the model this one was given."""
         self.rounds = state["rounds"]
+        restore_latencies(self.latencies, state)
 
     def check_target(self, target_params, target_flops) -> tuple[str, float]:
         """``(metric, target)`` after checking the target against the network; HbgsError if it
@@ -328,7 +332,7 @@ class HierarchicalPruner:
         if not candidates:
             return None
         scores, saved = errors, None
-        if self.score == "error_per_cost":
+        if self.score in COST_AWARE:
             saved = [self._saving(c) for c in candidates]
             scores = per_cost(errors, self._current_errors(candidates), saved)
         score_seconds = time.perf_counter() - start - propose_seconds  # refresh included
@@ -378,13 +382,17 @@ class HierarchicalPruner:
         return candidates, scores, propose_seconds
 
     def _saving(self, candidate: Candidate) -> float:
-        """What applying ``candidate`` saves of the target metric, as a fraction of the
-        original network's (adapters of the pruned layer counted)."""
+        """What applying ``candidate`` saves of the target metric (or, with
+        ``error_per_latency``, of the measured latency), as a fraction of the original network's
+        (adapters of the pruned layer counted)."""
         layer = self._layer(candidate.layer)
         new = pruned(layer, candidate.side, candidate.selection)
+        shape = self._input_shapes[candidate.layer]
+        if self.latencies is not None:  # timed as saved: identity adapters folded away
+            return (self.latencies.fraction(as_saved(layer), shape)
+                    - self.latencies.fraction(as_saved(new), shape))
         if self.metric == "params":
             return (count_params(layer) - count_params(new)) / self.reference.params_original
-        shape = self._input_shapes[candidate.layer]
         return (count_macs(layer, shape) - count_macs(new, shape)) / self.reference.flops_original
 
     def _current_errors(self, candidates: list[Candidate]) -> list[float]:
@@ -471,6 +479,16 @@ def per_cost(errors: Sequence[float], current: Sequence[float],
         return list(errors)
     return [max(e - c, 0.0) / s if s > 0 else math.inf
             for e, c, s in zip(errors, current, saved)]
+
+
+def latency_state(latencies: LayerLatencies | None) -> dict:
+    """The part of a pruner's ``state()`` that holds its layer timings (none without them)."""
+    return {} if latencies is None else {"latencies": latencies.state()}
+
+
+def restore_latencies(latencies: LayerLatencies | None, state: dict) -> None:
+    if latencies is not None and "latencies" in state:
+        latencies.restore(state["latencies"])
 
 
 def run_rounds(pruner, metric: str, target: float, callbacks: Iterable = (),

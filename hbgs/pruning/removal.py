@@ -33,10 +33,12 @@ from torch import nn
 from hbgs.accounting import count_macs, count_params
 from hbgs.devices import full_precision
 from hbgs.errors import HbgsError
-from hbgs.pruning.costs import NetworkCost, ReferenceCosts, check_not_met, parse_target, saved_cost
+from hbgs.pruning.costs import (LayerLatencies, NetworkCost, ReferenceCosts, check_not_met, parse_target,
+                                saved_cost)
 from hbgs.pruning.activations import WorkStats, capture, chunk_slices, evaluating, last_batchnorm
-from hbgs.pruning.hierarchical import (RoundRecord, channels_to_remove, check_loop_arguments,
-                                       per_cost, run_rounds, smallest_width)
+from hbgs.pruning.hierarchical import (COST_AWARE, RoundRecord, channels_to_remove, check_loop_arguments,
+                                       latency_state, per_cost, restore_latencies, run_rounds,
+                                       smallest_width)
 from hbgs.pruning.ratios import fraction_count
 from hbgs.pruning.scoring import loss, relative_error
 from hbgs.pruning.surgery import ChannelGroup, ChannelSurgery, input_grams
@@ -65,6 +67,7 @@ class RemovalPruner:
         self.score, self.metric = score, "params"  # the metric error_per_cost divides by
         self.surgery = ChannelSurgery(model, calib_x[:1])
         self.reference = ReferenceCosts.measure(original, input_size)
+        self.latencies = LayerLatencies(original, input_size) if score == "error_per_latency" else None
         self.stats = WorkStats()
         self.rounds = 0
         self._end = None  # the module whose output is the features signal
@@ -80,10 +83,11 @@ class RemovalPruner:
     def state(self) -> dict:
         """As ``HierarchicalPruner.state``, with the original channels still present at the end
         of the network (the ``features`` signal's; the model alone does not tell which)."""
-        return {"rounds": self.rounds, "end_kept": self._end_kept}
+        return {"rounds": self.rounds, "end_kept": self._end_kept} | latency_state(self.latencies)
 
     def restore(self, state: dict) -> None:
         self.rounds, self._end_kept = state["rounds"], state.get("end_kept")
+        restore_latencies(self.latencies, state)
 
     def check_target(self, target_params, target_flops) -> tuple[str, float]:
         """``(metric, target)``; HbgsError if the target is missing, met or out of reach."""
@@ -125,14 +129,14 @@ class RemovalPruner:
         self.stats.full_forwards += 1
         current = self._current_consumer_outputs(candidates) if self.criterion == "hbgs" else None
         errors, saved = [], []
-        cost_now = self._cost(self.model) if self.score == "error_per_cost" else None
+        cost_now = self._cost(self.model) if self.score in COST_AWARE else None
         for group, removed in candidates:
             clone, lost = self.surgery.removed_copy(group.root, removed, grams=grams)
             errors.append(self._score(clone, lost, group, current))
             if cost_now is not None:
                 saved.append(cost_now - self._cost(clone))
         scores = errors
-        if self.score == "error_per_cost":
+        if self.score in COST_AWARE:
             scores = per_cost(errors, [self._current_error()] * len(candidates), saved)
         score_seconds = time.perf_counter() - start - propose_seconds
         best = min(range(len(scores)), key=scores.__getitem__)
@@ -153,7 +157,10 @@ class RemovalPruner:
     # -- internals ----------------------------------------------------------------------------
 
     def _cost(self, model: nn.Module) -> float:
-        """``model``'s target metric as a fraction of the original network's."""
+        """``model``'s target metric (with ``error_per_latency``: its measured latency) as a
+        fraction of the original network's."""
+        if self.latencies is not None:
+            return self.latencies.fraction(model)
         if self.metric == "params":
             return count_params(model) / self.reference.params_original
         return count_macs(model, self.reference.input_size) / self.reference.flops_original
