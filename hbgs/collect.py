@@ -4,7 +4,8 @@
 
 reads every ``*/summary.json`` (stage=prune) under the given directories with the
 ``config.yaml`` beside it, and writes ``table.md`` and ``table.csv`` (into ``--out``, default
-the first directory). A multirun writes them by itself at its end (``CollectTable``, a Hydra
+the first directory); where a method ran at one target more than once (seeds), ``table.md`` ends
+with the mean table and ``table_means.csv`` holds it. A multirun writes them by itself at its end (``CollectTable``, a Hydra
 callback in conf/config.yaml). The paper's figure for a row comes from the experiment config's
 ``paper:`` block, keyed by method name.
 """
@@ -29,7 +30,10 @@ METHOD_NAMES = {("hbgs", "omp"): "hbgs", ("hbgs", "backward"): "hbgs_b", ("hbgts
                 ("tp_l1", "tp-l1"): "tp_l1", ("tp_group_norm", "tp-group-norm"): "tp_group_norm"}
 COLUMNS = ["method", "criterion", "selector", "surgery", "model", "target", "params_reduction",
            "flops_reduction", "dense_acc", "acc_before_finetune", "acc_after_finetune", "paper_acc",
-           "paper_dense", "speedup_b64", "finetune_steps", "prune_minutes", "finetune_minutes", "run_dir"]
+           "paper_dense", "speedup_b64", "finetune_steps", "prune_minutes", "finetune_minutes", "seed", "run_dir"]
+# what the runs of one row of the mean table share: the same method at the same target, seeds apart
+SAME_ROW = ("model", "target", "method", "criterion", "selector", "surgery")
+AVERAGED = ("params_reduction", "flops_reduction", "acc_before_finetune", "acc_after_finetune")
 
 
 def collect_rows(directories) -> list[dict]:
@@ -43,7 +47,7 @@ def collect_rows(directories) -> list[dict]:
             config_path = summary_path.with_name("config.yaml")
             config = OmegaConf.to_container(OmegaConf.load(config_path)) if config_path.is_file() else {}
             rows.append(table_row(summary, config, summary_path.parent))
-    return sorted(rows, key=lambda r: (r["method"], r["target"], r["surgery"], r["run_dir"]))
+    return sorted(rows, key=lambda r: (r["method"], r["target"], r["surgery"], r["seed"] or 0, r["run_dir"]))
 
 
 def table_row(summary: dict, config: dict, run_dir: Path) -> dict:
@@ -78,10 +82,45 @@ def table_row(summary: dict, config: dict, run_dir: Path) -> dict:
         "finetune_steps": accuracy["final_finetune_steps"],
         "prune_minutes": seconds["pruning"] / 60,
         "finetune_minutes": (seconds["short_finetunes"] + seconds["final_finetune"]) / 60,
+        "seed": config.get("seed"),
         "run_dir": str(run_dir),
         "dataset": summary["dataset"], "test_images": summary["test_images"],
         "flops_convention": cost["convention"],
     }
+
+
+def seed_means(rows: list[dict]) -> list[dict]:
+    """One row per method and target (``SAME_ROW``): how many runs (seeds), and the mean, lowest
+    and highest of each ``AVERAGED`` figure over them (None where no run has the figure)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in SAME_ROW), []).append(row)
+    means = []
+    for key, runs in groups.items():
+        mean = dict(zip(SAME_ROW, key)) | {"runs": len(runs), "seeds": sorted(r["seed"] for r in runs if r["seed"] is not None)}
+        for name in AVERAGED:
+            values = [r[name] for r in runs if r[name] is not None]
+            mean[name] = sum(values) / len(values) if values else None
+            mean[f"{name}_min"], mean[f"{name}_max"] = (min(values), max(values)) if values else (None, None)
+        means.append(mean)
+    return sorted(means, key=lambda m: (m["model"], m["target"], -(m["acc_after_finetune"] or 0)))
+
+
+def markdown_means(means: list[dict]) -> str:
+    """The mean table: accuracy after the fine-tune as mean (lowest–highest over the seeds)."""
+    def spread(m, name):
+        if m[name] is None:
+            return "–"
+        return f"{m[name]:.2f}" + (f" ({m[name + '_min']:.2f}–{m[name + '_max']:.2f})" if m["runs"] > 1 else "")
+
+    lines = ["| model | target | method | surgery | seeds | params ↓ % | FLOPs ↓ % | acc before FT | acc after FT |",
+             "|---|---|---|---|---|---:|---:|---:|---:|"]
+    for m in means:
+        lines.append(f"| {m['model']} | {m['target']} | {m['method']} | {m['surgery']} | "
+                     f"{', '.join(map(str, m['seeds'])) or '–'} | {m['params_reduction']:.2f} | "
+                     f"{m['flops_reduction']:.2f} | {spread(m, 'acc_before_finetune')} | "
+                     f"{spread(m, 'acc_after_finetune')} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -90,8 +129,8 @@ def markdown(rows: list[dict]) -> str:
         return "–" if value is None else f"{value:.{digits}f}"
 
     lines = ["| method | criterion + selector | surgery | model | target | params ↓ % | FLOPs ↓ % | dense acc | "
-             "acc before FT | acc after FT | paper acc (dense) | speed-up b64 | prune min | FT min |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "acc before FT | acc after FT | paper acc (dense) | speed-up b64 | prune min | FT min | seed |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         paper = "–" if r["paper_acc"] is None else f"{r['paper_acc']:.1f} ({number(r['paper_dense'], 1)})"
         speedup = "–" if r["speedup_b64"] is None else f"{r['speedup_b64']:.2f}×"
@@ -99,7 +138,8 @@ def markdown(rows: list[dict]) -> str:
                      f"{r['target']} | {number(r['params_reduction'])} | {number(r['flops_reduction'])} | "
                      f"{number(r['dense_acc'])} | {number(r['acc_before_finetune'])} | "
                      f"{number(r['acc_after_finetune'])} | {paper} | {speedup} | "
-                     f"{number(r['prune_minutes'], 1)} | {number(r['finetune_minutes'], 1)} |")
+                     f"{number(r['prune_minutes'], 1)} | {number(r['finetune_minutes'], 1)} | "
+                     f"{'–' if r['seed'] is None else r['seed']} |")
     if rows:
         first = rows[0]
         lines += ["", f"Accuracy: % on the {first['dataset']} test split ({first['test_images']} images; the offline "
@@ -121,7 +161,14 @@ def write_table(directories, out: Path | None = None) -> Path | None:
     out = Path(out or directories[0])
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "table.csv", [{k: r[k] for k in COLUMNS} for r in rows])
-    (out / "table.md").write_text(markdown(rows))
+    text = markdown(rows)
+    means = seed_means(rows)
+    if any(m["runs"] > 1 for m in means):  # the same method at the same target more than once: seeds
+        write_csv(out / "table_means.csv", [{k: v for k, v in m.items() if k != "seeds"} |
+                                             {"seeds": " ".join(map(str, m["seeds"]))} for m in means])
+        text += ("\nMean over seeds, best first within each target; accuracy after FT as mean (lowest–highest):\n\n"
+                 + markdown_means(means))
+    (out / "table.md").write_text(text)
     return out / "table.md"
 
 

@@ -114,3 +114,35 @@ def test_table_has_an_after_figure_only_when_a_final_finetune_ran(final_steps, s
     row = table_row(summary, {}, REPO)
     assert row["method"] == "fp_backward" and row["acc_before_finetune"] == pytest.approx(11.07)
     assert row["acc_after_finetune"] == (None if after is None else pytest.approx(after))
+
+
+def test_runs_of_one_method_at_one_target_are_averaged_over_their_seeds(tmp_path):
+    """Two seeds of uniform FP-Backward and one of L1: the mean table holds their mean, lowest and
+    highest after-fine-tune accuracy (by hand), best first, and is written beside the run table."""
+    def run(method, seed, after, flops):
+        summary = {"stage": "prune", "criterion": "uniform", "selector": method,
+                   "target": {"params": None, "flops": 50},
+                   "accuracy": {"dense_test": 0.8685, "pruned_test_before_finetune": 0.4,
+                                "pruned_test_after_finetune": after, "final_finetune_steps": 79},
+                   "cost": {"reduction_vs_original_pct": {"params": 51.0, "flops": flops}, "convention": "MACs"},
+                   "seconds": {"pruning": 6.0, "short_finetunes": 0.0, "final_finetune": 60.0},
+                   "dataset": "cifar10", "test_images": 10000, "surgery": "remove"}
+        folder = tmp_path / f"{method}_{seed}"
+        folder.mkdir()
+        (folder / "summary.json").write_text(json.dumps(summary))
+        (folder / "config.yaml").write_text(f"seed: {seed}\nmodel: {{_target_: hbgs.models.resnet20}}\n")
+
+    run("backward", 0, 0.8131, 50.9)
+    run("backward", 1, 0.8129, 51.1)
+    run("l1", 0, 0.8055, 51.0)
+    collect_main([str(tmp_path)])
+    with open(tmp_path / "table_means.csv") as f:
+        means = {r["method"]: r for r in csv.DictReader(f)}
+    assert means["fp_backward"]["runs"] == "2" and means["fp_backward"]["seeds"] == "0 1"
+    assert float(means["fp_backward"]["acc_after_finetune"]) == pytest.approx(81.30)
+    assert float(means["fp_backward"]["acc_after_finetune_min"]) == pytest.approx(81.29)
+    assert float(means["fp_backward"]["flops_reduction"]) == pytest.approx(51.0)
+    assert means["l1"]["runs"] == "1"
+    table = (tmp_path / "table.md").read_text()
+    assert "| resnet20 | -50% FLOPs | fp_backward | remove | 0, 1 | 51.00 | 51.00 | 40.00 (40.00–40.00) | 81.30 (81.29–81.31) |" in table
+    assert table.index("| fp_backward | remove | 0, 1") < table.index("| l1 | remove | 0 |")  # best first
