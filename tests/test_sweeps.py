@@ -41,7 +41,9 @@ def test_slurm_launcher_composes_with_our_settings():
 
 METHODS = {"hbgs": ("hbgs", "omp"), "hbgs_b": ("hbgs", "backward"), "hbgts": ("hbgts", "omp"),
            "hbgts_b": ("hbgts", "backward"), "fp_backward": ("uniform", "backward"), "fp_omp": ("uniform", "omp"),
-           "random": ("uniform", "random"), "l1": ("uniform", "l1"), "sensitivity": ("sensitivity", "backward")}
+           "random": ("uniform", "random"), "l1": ("uniform", "l1"), "sensitivity": ("sensitivity", "backward"),
+           "hbgts_b_cost": ("hbgts", "backward"), "hbgts_b_latency": ("hbgts", "backward"),
+           "tp_l1": ("tp_l1", "backward"), "tp_group_norm": ("tp_group_norm", "backward")}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -146,3 +148,14 @@ def test_runs_of_one_method_at_one_target_are_averaged_over_their_seeds(tmp_path
     table = (tmp_path / "table.md").read_text()
     assert "| resnet20 | -50% FLOPs | fp_backward | remove | 0, 1 | 51.00 | 51.00 | 40.00 (40.00–40.00) | 81.30 (81.29–81.31) |" in table
     assert table.index("| fp_backward | remove | 0, 1") < table.index("| l1 | remove | 0 |")  # best first
+
+
+def test_an_experiment_or_method_config_wins_over_the_defaults_and_the_command_line_over_both():
+    """config.yaml's own values come before method= and experiment= (its _self_ is listed first):
+    an experiment's surgery: remove once lost silently to the default adapters."""
+    assert compose_with("experiment=resnext101_cifar10_p98").surgery == "remove"
+    assert compose_with("experiment=resnet20_cifar10_equal_flops").surgery == "remove"
+    assert compose_with("experiment=resnet20_cifar10_equal_flops", "surgery=adapters").surgery == "adapters"
+    cfg = compose_with("method=hbgts_b_cost")
+    assert (cfg.criterion.score, cfg.finetune.bn_recalibrate, cfg.surgery) == ("error_per_cost", 256, "adapters")
+    assert compose_with().surgery == "adapters" and compose_with().seed == 0
