@@ -58,6 +58,8 @@ def table_row(summary: dict, config: dict, run_dir: Path) -> dict:
     method = config.get("method") or METHOD_NAMES.get((criterion, selector), f"{criterion}+{selector}")
     variants = [(config.get("criterion") or {}).get("score", "error"),
                 f"BN recal {(config.get('finetune') or {}).get('bn_recalibrate', 0)}"]
+    named = [name for name, settings in METHOD_VARIANTS.items() if method == "hbgts_b" and list(settings) == variants]
+    method = named[0] if named else method  # hbgts_b with a named variant's settings is that variant
     method += "".join(f", {v}" for v in variants if v not in METHOD_VARIANTS.get(method, ("error", "BN recal 0")))
     paper = config.get("paper") or {}
     target = summary["target"]

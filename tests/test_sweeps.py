@@ -159,3 +159,20 @@ def test_an_experiment_or_method_config_wins_over_the_defaults_and_the_command_l
     cfg = compose_with("method=hbgts_b_cost")
     assert (cfg.criterion.score, cfg.finetune.bn_recalibrate, cfg.surgery) == ("error_per_cost", 256, "adapters")
     assert compose_with().surgery == "adapters" and compose_with().seed == 0
+
+
+@pytest.mark.parametrize("config,name", [
+    ({"method": "hbgts_b", "criterion": {"score": "error_per_cost"}, "finetune": {"bn_recalibrate": 256}}, "hbgts_b_cost"),
+    ({"method": "hbgts_b", "criterion": {"score": "error_per_cost"}, "finetune": {"bn_recalibrate": 0}},
+     "hbgts_b, error_per_cost"),
+    ({"method": "hbgts_b_latency", "criterion": {"score": "error_per_latency"}, "finetune": {"bn_recalibrate": 0}},
+     "hbgts_b_latency, BN recal 0"),
+    ({"method": "hbgts_b", "finetune": {"bn_recalibrate": 256}}, "hbgts_b, BN recal 256")])
+def test_table_names_a_run_by_the_method_whose_settings_it_has(config, name):
+    summary = {"criterion": "hbgts", "selector": "backward", "target": {"params": 50, "flops": None},
+               "accuracy": {"dense_test": 0.8685, "pruned_test_before_finetune": 0.5,
+                            "pruned_test_after_finetune": 0.8, "final_finetune_steps": 79},
+               "cost": {"reduction_vs_original_pct": {"params": 50.1, "flops": 60.0}, "convention": "MACs"},
+               "seconds": {"pruning": 6.0, "short_finetunes": 0.0, "final_finetune": 60.0},
+               "dataset": "cifar10", "test_images": 10000}
+    assert table_row(summary, config, REPO)["method"] == name
