@@ -29,8 +29,8 @@ METHOD_NAMES = {("hbgs", "omp"): "hbgs", ("hbgs", "backward"): "hbgs_b", ("hbgts
                 # the Torch-Pruning peers (hbgs.pruning.peers): their "selector" is the importance
                 ("tp_l1", "tp-l1"): "tp_l1", ("tp_group_norm", "tp-group-norm"): "tp_group_norm"}
 # the score and BatchNorm recalibration a method config sets; a run that changes them is named with the change
-METHOD_VARIANTS = {"hbgts_b_cost": ("error_per_cost", "BN recal 256"),
-                   "hbgts_b_latency": ("error_per_latency", "BN recal 256")}
+METHOD_VARIANTS = {"hbgts_b_cost": ("error_per_cost", "BN recal 0"),
+                   "hbgts_b_latency": ("error_per_latency", "BN recal 0")}
 COLUMNS = ["method", "criterion", "selector", "surgery", "model", "target", "params_reduction",
            "flops_reduction", "dense_acc", "acc_before_finetune", "acc_after_finetune", "paper_acc",
            "paper_dense", "speedup_b64", "finetune_steps", "prune_minutes", "finetune_minutes", "seed", "run_dir"]
@@ -58,8 +58,8 @@ def table_row(summary: dict, config: dict, run_dir: Path) -> dict:
     method = config.get("method") or METHOD_NAMES.get((criterion, selector), f"{criterion}+{selector}")
     variants = [(config.get("criterion") or {}).get("score", "error"),
                 f"BN recal {(config.get('finetune') or {}).get('bn_recalibrate', 0)}"]
-    named = [name for name, settings in METHOD_VARIANTS.items() if method == "hbgts_b" and list(settings) == variants]
-    method = named[0] if named else method  # hbgts_b with a named variant's settings is that variant
+    named = [name for name, (score, _) in METHOD_VARIANTS.items() if method == "hbgts_b" and score == variants[0]]
+    method = named[0] if named else method  # hbgts_b with a named variant's score is that variant
     method += "".join(f", {v}" for v in variants if v not in METHOD_VARIANTS.get(method, ("error", "BN recal 0")))
     paper = config.get("paper") or {}
     target = summary["target"]

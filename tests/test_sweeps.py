@@ -157,16 +157,16 @@ def test_an_experiment_or_method_config_wins_over_the_defaults_and_the_command_l
     assert compose_with("experiment=resnet20_cifar10_equal_flops").surgery == "remove"
     assert compose_with("experiment=resnet20_cifar10_equal_flops", "surgery=adapters").surgery == "adapters"
     cfg = compose_with("method=hbgts_b_cost")
-    assert (cfg.criterion.score, cfg.finetune.bn_recalibrate, cfg.surgery) == ("error_per_cost", 256, "adapters")
+    assert (cfg.criterion.score, cfg.finetune.bn_recalibrate, cfg.surgery) == ("error_per_cost", 0, "adapters")
     assert compose_with().surgery == "adapters" and compose_with().seed == 0
 
 
 @pytest.mark.parametrize("config,name", [
-    ({"method": "hbgts_b", "criterion": {"score": "error_per_cost"}, "finetune": {"bn_recalibrate": 256}}, "hbgts_b_cost"),
-    ({"method": "hbgts_b", "criterion": {"score": "error_per_cost"}, "finetune": {"bn_recalibrate": 0}},
-     "hbgts_b, error_per_cost"),
-    ({"method": "hbgts_b_latency", "criterion": {"score": "error_per_latency"}, "finetune": {"bn_recalibrate": 0}},
-     "hbgts_b_latency, BN recal 0"),
+    ({"method": "hbgts_b", "criterion": {"score": "error_per_cost"}, "finetune": {"bn_recalibrate": 0}}, "hbgts_b_cost"),
+    ({"method": "hbgts_b", "criterion": {"score": "error_per_cost"}, "finetune": {"bn_recalibrate": 256}},
+     "hbgts_b_cost, BN recal 256"),
+    ({"method": "hbgts_b_latency", "criterion": {"score": "error_per_latency"}, "finetune": {"bn_recalibrate": 256}},
+     "hbgts_b_latency, BN recal 256"),
     ({"method": "hbgts_b", "finetune": {"bn_recalibrate": 256}}, "hbgts_b, BN recal 256")])
 def test_table_names_a_run_by_the_method_whose_settings_it_has(config, name):
     summary = {"criterion": "hbgts", "selector": "backward", "target": {"params": 50, "flops": None},
