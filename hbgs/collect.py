@@ -36,7 +36,7 @@ COLUMNS = ["method", "criterion", "selector", "surgery", "model", "target", "par
            "paper_dense", "speedup_b64", "finetune_steps", "prune_minutes", "finetune_minutes", "seed", "run_dir"]
 # what the runs of one row of the mean table share: the same method at the same target, seeds apart
 SAME_ROW = ("model", "target", "method", "criterion", "selector", "surgery")
-AVERAGED = ("params_reduction", "flops_reduction", "acc_before_finetune", "acc_after_finetune")
+AVERAGED = ("params_reduction", "flops_reduction", "acc_before_finetune", "acc_after_finetune", "speedup_b64")
 
 
 def collect_rows(directories) -> list[dict]:
@@ -118,13 +118,15 @@ def markdown_means(means: list[dict]) -> str:
             return "–"
         return f"{m[name]:.2f}" + (f" ({m[name + '_min']:.2f}–{m[name + '_max']:.2f})" if m["runs"] > 1 else "")
 
-    lines = ["| model | target | method | surgery | seeds | params ↓ % | FLOPs ↓ % | acc before FT | acc after FT |",
-             "|---|---|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| model | target | method | surgery | seeds | params ↓ % | FLOPs ↓ % | acc before FT | acc after FT | "
+             "speed-up b64 |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     for m in means:
         lines.append(f"| {m['model']} | {m['target']} | {m['method']} | {m['surgery']} | "
                      f"{', '.join(map(str, m['seeds'])) or '–'} | {m['params_reduction']:.2f} | "
                      f"{m['flops_reduction']:.2f} | {spread(m, 'acc_before_finetune')} | "
-                     f"{spread(m, 'acc_after_finetune')} |")
+                     f"{spread(m, 'acc_after_finetune')} | "
+                     f"{'–' if m['speedup_b64'] is None else format(m['speedup_b64'], '.2f') + '×'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -146,7 +146,7 @@ def test_runs_of_one_method_at_one_target_are_averaged_over_their_seeds(tmp_path
     assert float(means["fp_backward"]["flops_reduction"]) == pytest.approx(51.0)
     assert means["l1"]["runs"] == "1"
     table = (tmp_path / "table.md").read_text()
-    assert "| resnet20 | -50% FLOPs | fp_backward | remove | 0, 1 | 51.00 | 51.00 | 40.00 (40.00–40.00) | 81.30 (81.29–81.31) |" in table
+    assert "| resnet20 | -50% FLOPs | fp_backward | remove | 0, 1 | 51.00 | 51.00 | 40.00 (40.00–40.00) | 81.30 (81.29–81.31) | – |" in table
     assert table.index("| fp_backward | remove | 0, 1") < table.index("| l1 | remove | 0 |")  # best first
 
 
