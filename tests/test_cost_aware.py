@@ -9,7 +9,8 @@ import torch
 from hbgs import load_model
 from hbgs.finetune import recalibrate_batchnorm
 from hbgs.pruning import apply, propose
-from hbgs.pruning.costs import LayerLatencies, ReferenceCosts, as_saved, layer_key, saved_cost, timed_layers
+from hbgs.pruning.costs import (LayerLatencies, ReferenceCosts, as_saved, layer_key, saved_cost, time_layer,
+                                timed_layers)
 from hbgs.pruning.hierarchical import HierarchicalPruner, channels_to_remove, per_cost
 from hbgs.pruning.removal import RemovalPruner, removed_channels
 from hbgs.pruning.surgery import ChannelSurgery, input_grams
@@ -237,18 +238,29 @@ def test_layer_latencies_time_each_shape_once_and_a_restored_table_makes_the_sam
 
 
 def test_error_per_latency_with_measured_timings_reaches_its_target(cifar10):
-    """The real timer on the zoo ResNet-20 (channels removed): every step saves measured time,
-    the target is reached, each shape was timed once, and the table's original latency is the
-    sum of the dense network's distinct layer timings."""
+    """The real timer on the zoo ResNet-20 (channels removed): the target is reached; each
+    round's choice saves measured time unless no candidate did (then the plain errors decide,
+    and the score is the error); every shape was timed once; the table's original latency is the
+    sum of the dense network's layer timings. (What the timings are is not asserted: they
+    depend on the machine and its load.)"""
     x, y = cifar10.calibration_batch(64)
     original = load_model(REPO / "zoo" / "resnet20-cifar10.pt").requires_grad_(False)
     pruner = RemovalPruner(copy.deepcopy(original), original, x, y, step=0.25,
                            score="error_per_latency")
+    timed_before = len(pruner.latencies.table)
+    calls = []
+
+    def counting_timer(layer, input_shape, layout):
+        calls.append(layer_key(layer, input_shape[1:], layout))
+        return time_layer(layer, input_shape, layout)
+
+    pruner.latencies.timer = counting_timer
     records = pruner.run(target_flops=10)
     assert records[-1].flops_reduction >= 10
-    assert all(r.saved > 0 and 0 <= r.score < math.inf for r in records)
+    assert all((r.saved > 0 and 0 <= r.score < math.inf) or r.score == r.error for r in records)
     table = pruner.latencies.table
+    assert len(calls) == len(set(calls)) == len(table) - timed_before > 0
     assert all(seconds > 0 for seconds in table.values())
-    assert pruner.latencies.summary()["shapes_timed"] == len(table) > 7  # ResNet-20 has 7 shapes
     dense = [table[layer_key(*seen)] for seen in timed_layers(original, (3, 32, 32))]
-    assert len(dense) == 20 and pruner.latencies.original == pytest.approx(sum(dense), rel=1e-12)
+    assert timed_before == 7 and len(dense) == 20  # ResNet-20: 7 distinct shapes among 20 layers
+    assert pruner.latencies.original == pytest.approx(sum(dense), rel=1e-12)
