@@ -199,6 +199,6 @@ class LayerLatencies:
         self.table, self.original = dict(state["table"]), state["original"]
 
     def summary(self) -> dict:
-        """What the table holds, for a run's summary."""
-        return {"shapes_timed": len(self.table), "batch": self.batch,
-                "original_ms": 1000 * self.original}
+        """What the table holds, for a run's summary: every timed layer shape in milliseconds."""
+        return {"shapes_timed": len(self.table), "batch": self.batch, "original_ms": 1000 * self.original,
+                "ms": {key: 1000 * seconds for key, seconds in self.table.items()}}
