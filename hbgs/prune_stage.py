@@ -406,7 +406,7 @@ def rounds_details(run: PruneRun) -> dict:
             "score": options.get("score", "error"), "step": options.step, "calib_batch": calib_batch,
             "propose_seconds": sum(r["propose_seconds"] for r in history),
             "score_seconds": sum(r["score_seconds"] for r in history),
-            # error_per_latency: how many layer shapes were timed, at what batch, the dense network's sum
+            # error_per_latency: every timed layer shape (ms), the batch, the dense network's sum
             "latency_table": run.pruner.latencies.summary() if getattr(run.pruner, "latencies", None) else None}
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from hbgs.accounting import count_macs, count_params, measure_latencies
 from hbgs.errors import HbgsError
+from hbgs.pruning.activations import evaluating
 from hbgs.pruning.adapters import fold_identity_adapters, with_identity_adapters
 
 
@@ -139,16 +140,12 @@ def timed_layers(module: nn.Module, input_size) -> list[tuple[nn.Module, tuple[i
     x = torch.zeros(1, *input_size, dtype=param.dtype, device=param.device)
     if param.dim() == 4 and layout_of(param) == torch.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)  # as the model's own inputs are
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
     try:
-        with torch.no_grad():
+        with evaluating(module):
             module(x)
     finally:
         for hook in hooks:
             hook.remove()
-        for m, training in modes:
-            m.training = training
     return seen
 
 
