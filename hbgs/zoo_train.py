@@ -16,7 +16,10 @@ so a data loader or a lone process leaves the GPU idle most of the time. Here:
   momentum, label smoothing 0.1) is stretched to that count, so training ends on a finished
   schedule rather than being cut off;
 * weights saved in float16 (`save_model(half=True)`); the accuracy recorded is the one of the
-  float16-rounded network that loads, measured on the whole test split, beside the float32 one.
+  float16-rounded network that loads, measured on the whole test split, beside the float32 one;
+* `--init` starts from a trained file instead of random weights, for one more whole warm-up and
+  cosine cycle (a warm restart): a budget too short for one long schedule is spent in chunks that
+  each end on a finished schedule, so every chunk leaves a network worth keeping.
 
 The data split is `stage=train`'s: the calibration images (dataset.calib_size=1000, seed 0) are
 held out, so the pruning criteria never score on images the network was trained on. It runs on the
@@ -41,7 +44,7 @@ import torch.nn.functional as F
 from hbgs import models
 from hbgs.accounting import count_macs, count_params
 from hbgs.atomic import atomic_file
-from hbgs.checkpoint import save_model
+from hbgs.checkpoint import load_meta, load_model, load_model_cfg, save_model
 from hbgs.data import DeviceBatches, ImageDataModule
 from hbgs.devices import bf16_is_fast
 
@@ -105,6 +108,31 @@ def datamodule(args) -> ImageDataModule:
     return dm
 
 
+def init_path(name: str, args) -> Path | None:
+    """The file `--init` names for `name`: the file itself, or `<folder>/<name>-cifar10.pt`."""
+    if args.init is None:
+        return None
+    path = Path(args.init)
+    return path / f"{name}-cifar10.pt" if path.is_dir() else path
+
+
+def check_init(name: str, args) -> str | None:
+    """Why `--init` cannot start `name` (missing file, another architecture, pruned), or None."""
+    path = init_path(name, args)
+    if path is None:
+        return None
+    if not path.is_file():
+        return f"--init {args.init}: no {path}; pass a checkpoint of {name} or a folder holding {name}-cifar10.pt"
+    target = (load_model_cfg(path) or {}).get("_target_")
+    if target != f"hbgs.models.{name}":
+        return f"--init {path} holds {target or 'a pickled module'}, not hbgs.models.{name}; pass a {name} checkpoint"
+    try:
+        getattr(models, name)(num_classes=10).load_state_dict(load_model(path).state_dict())
+    except RuntimeError:
+        return f"--init {path} is a pruned or resized {name}; pass an unpruned CIFAR-10 {name} checkpoint"
+    return None
+
+
 def train_one(name: str, args) -> dict:
     """Train `name` until the deadline; save `<out>/<name>-cifar10.pt`; return its record."""
     device = torch.device(args.device)
@@ -118,7 +146,15 @@ def train_one(name: str, args) -> dict:
     train = DeviceBatches(dm.splits["train"], dm.mean, dm.std, recipe["batch_size"], augment=True, device=device,
                           seed=args.seed, drop_last=True, memory_format=layout)
     test = DeviceBatches(dm.splits["test"], dm.mean, dm.std, 1000, augment=False, device=device, memory_format=layout)
-    model = getattr(models, name)(num_classes=dm.num_classes).to(device, memory_format=layout)
+    model = getattr(models, name)(num_classes=dm.num_classes)
+    init = init_path(name, args)
+    if init is not None:  # check_init has seen that it loads whole
+        model.load_state_dict(load_model(init).state_dict())
+        init_meta = load_meta(init) or {}
+        init = {"path": str(init), "epochs": init_meta.get("epochs"), "test_acc": init_meta.get("test_acc")}
+        print(f"[{name}] warm start from {init['path']} ({init['epochs']} epochs, test acc {init['test_acc']})",
+              flush=True)
+    model = model.to(device, memory_format=layout)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=MOMENTUM, nesterov=True,
                                 weight_decay=WEIGHT_DECAY)
     planned = recipe["max_epochs"]
@@ -175,6 +211,7 @@ def train_one(name: str, args) -> dict:
         "model": name, "dataset": dm.name, "test_acc": acc_saved, "test_acc_float32": acc_float32,
         "test_images": len(dm.splits["test"]), "train_images": len(dm.splits["train"]),
         "input_size": list(dm.input_size), "epochs": epoch, "seed": args.seed, "recipe": recipe,
+        "init": init,  # the file this run continued from (its own epochs come first), or None
         "schedule": f"SGD nesterov momentum {MOMENTUM}, weight decay {WEIGHT_DECAY}, label smoothing "
                     f"{LABEL_SMOOTHING}, {WARMUP_EPOCHS}-epoch linear warm-up then cosine to zero, "
                     "random crop (pad 4) and flip on the device" + (", bf16 autocast" if bf16 else ""),
@@ -209,6 +246,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast and channels-last (default: on a GPU, or a CPU with bf16 instructions)")
+    p.add_argument("--init", default=None, metavar="PATH",
+                   help="start from this trained checkpoint (or a folder of <model>-cifar10.pt) for one more "
+                        "warm-up and cosine cycle, instead of from random weights")
     p.add_argument("--resume", action="store_true",
                    help="continue each model from the state its last interrupted call left in --out")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one model, started by the driver
@@ -220,6 +260,9 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')}={value} must be positive, e.g. --{flag.replace('_', '-')} 8")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: this machine has no CUDA GPU; pass --device cpu")
+    for name in args.models if args.worker is None else [args.worker]:
+        if problem := check_init(name, args):
+            p.error(problem)
     return args
 
 

@@ -121,11 +121,32 @@ def test_resumed_training_ends_with_the_uninterrupted_weights(tmp_path, cifar10_
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
-def test_bad_flags_fail_before_any_work(capsys):
+def test_warm_start_begins_from_the_given_weights_and_records_them(tmp_path, cifar10_root, one_thread):
+    start = resnet20(num_classes=10)
+    save_model(start, tmp_path / "start.pt", half=True, model_cfg={"_target_": "hbgs.models.resnet20", "num_classes": 10},
+               meta={"epochs": 81, "test_acc": 0.8871})
+    # A learning rate too small to move a float16-stored weight: what comes out is what went in.
+    record = zoo_train.train_one("resnet20", tiny_args(tmp_path / "out", cifar10_root, init=tmp_path / "start.pt",
+                                                       lr=1e-12, **{"max-epochs": 1}))
+    begun, ended = load_model(tmp_path / "start.pt").state_dict(), load_model(tmp_path / "out" / "resnet20-cifar10.pt")
+    weights = [k for k, v in begun.items() if k.endswith("weight") and v.dim() > 1]
+    assert len(weights) == 20 and all(torch.equal(begun[k], ended.state_dict()[k]) for k in weights)
+    assert record["init"] == {"path": str(tmp_path / "start.pt"), "epochs": 81, "test_acc": 0.8871}
+    assert load_meta(tmp_path / "out" / "resnet20-cifar10.pt")["init"]["epochs"] == 81
+
+
+def test_bad_flags_fail_before_any_work(capsys, tmp_path):
+    save_model(resnet20(num_classes=100), tmp_path / "cifar100.pt",
+               model_cfg={"_target_": "hbgs.models.resnet20", "num_classes": 100})
     for argv, message in [(["--minutes", "0"], "--minutes=0.0 must be positive"),
                           (["--models", "alexnet"], "invalid choice: 'alexnet'"),
                           (["--device", "cuda"] if not torch.cuda.is_available() else ["--eval-every", "-1"],
-                           "no CUDA GPU" if not torch.cuda.is_available() else "--eval-every=-1")]:
+                           "no CUDA GPU" if not torch.cuda.is_available() else "--eval-every=-1"),
+                          (["--models", "resnet20", "--init", "no/such.pt"], "--init no/such.pt: no no/such.pt"),
+                          (["--models", "resnet20", "--init", "zoo/resnet56-cifar10.pt"],
+                           "holds hbgs.models.resnet56, not hbgs.models.resnet20"),
+                          (["--models", "resnet20", "--init", str(tmp_path / "cifar100.pt")],
+                           "is a pruned or resized resnet20")]:
         with pytest.raises(SystemExit) as stop:
             zoo_train.parse_args(argv)
         assert stop.value.code == 2 and message in capsys.readouterr().err
