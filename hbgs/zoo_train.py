@@ -116,6 +116,13 @@ def init_path(name: str, args) -> Path | None:
     return path / f"{name}-cifar10.pt" if path.is_dir() else path
 
 
+def epochs_in_all(meta: dict) -> int | None:
+    """A zoo file's epochs, those of the files it was warm-started from included."""
+    if meta.get("epochs") is None:
+        return None
+    return meta["epochs"] + ((meta.get("init") or {}).get("epochs") or 0)
+
+
 def check_init(name: str, args) -> str | None:
     """Why `--init` cannot start `name` (missing file, another architecture, pruned), or None."""
     path = init_path(name, args)
@@ -151,7 +158,7 @@ def train_one(name: str, args) -> dict:
     if init is not None:  # check_init has seen that it loads whole
         model.load_state_dict(load_model(init).state_dict())
         init_meta = load_meta(init) or {}
-        init = {"path": str(init), "epochs": init_meta.get("epochs"), "test_acc": init_meta.get("test_acc")}
+        init = {"path": str(init), "epochs": epochs_in_all(init_meta), "test_acc": init_meta.get("test_acc")}
         print(f"[{name}] warm start from {init['path']} ({init['epochs']} epochs, test acc {init['test_acc']})",
               flush=True)
     model = model.to(device, memory_format=layout)
