@@ -48,13 +48,13 @@ from hbgs.checkpoint import load_meta, load_model, load_model_cfg, save_model
 from hbgs.data import DeviceBatches, ImageDataModule
 from hbgs.devices import bf16_is_fast
 
-# Per model: batch size, peak learning rate, the most epochs a budget may buy.
+# Per model: batch size, peak learning rate, the most epochs a budget may buy, cutout square side (0: none).
 RECIPES = {
-    "resnet20": {"batch_size": 128, "lr": 0.1, "max_epochs": 200},
-    "resnet32": {"batch_size": 128, "lr": 0.1, "max_epochs": 200},
-    "resnet56": {"batch_size": 128, "lr": 0.1, "max_epochs": 200},
-    "resnet110": {"batch_size": 128, "lr": 0.1, "max_epochs": 200},
-    "vgg16": {"batch_size": 128, "lr": 0.05, "max_epochs": 200},
+    "resnet20": {"batch_size": 128, "lr": 0.1, "max_epochs": 200, "cutout": 0},
+    "resnet32": {"batch_size": 128, "lr": 0.1, "max_epochs": 200, "cutout": 0},
+    "resnet56": {"batch_size": 128, "lr": 0.1, "max_epochs": 200, "cutout": 0},
+    "resnet110": {"batch_size": 128, "lr": 0.1, "max_epochs": 200, "cutout": 0},
+    "vgg16": {"batch_size": 128, "lr": 0.05, "max_epochs": 200, "cutout": 0},
 }
 WEIGHT_DECAY, MOMENTUM, LABEL_SMOOTHING, WARMUP_EPOCHS = 5e-4, 0.9, 0.1, 2
 SAFETY = 0.92      # share of the time left that the planned epochs may fill
@@ -145,13 +145,13 @@ def train_one(name: str, args) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = True
-    recipe = {**RECIPES[name], **{k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr),
-                                                       ("max_epochs", args.max_epochs)) if v is not None}}
+    overrides = {"batch_size": args.batch_size, "lr": args.lr, "max_epochs": args.max_epochs, "cutout": args.cutout}
+    recipe = {**RECIPES[name], **{k: v for k, v in overrides.items() if v is not None}}
     bf16 = bf16_is_fast(device.type) if args.bf16 is None else args.bf16
     layout = torch.channels_last if bf16 else torch.contiguous_format
     dm = datamodule(args)
     train = DeviceBatches(dm.splits["train"], dm.mean, dm.std, recipe["batch_size"], augment=True, device=device,
-                          seed=args.seed, drop_last=True, memory_format=layout)
+                          seed=args.seed, drop_last=True, cutout=recipe["cutout"], memory_format=layout)
     test = DeviceBatches(dm.splits["test"], dm.mean, dm.std, 1000, augment=False, device=device, memory_format=layout)
     model = getattr(models, name)(num_classes=dm.num_classes)
     init = init_path(name, args)
@@ -176,7 +176,7 @@ def train_one(name: str, args) -> dict:
         train.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         history, step, epoch, planned = state["history"], state["step"], state["epoch"], state["planned"]
-        trained_seconds, recipe = state["trained_seconds"], state["recipe"]
+        trained_seconds, recipe = state["trained_seconds"], {**recipe, **state["recipe"]}  # the state's recipe wins
         schedule.total = planned * len(train)
         print(f"[{name}] resumed after epoch {epoch} of {planned} planned", flush=True)
     start = time.time() - trained_seconds
@@ -221,7 +221,8 @@ def train_one(name: str, args) -> dict:
         "init": init,  # the file this run continued from (its own epochs come first), or None
         "schedule": f"SGD nesterov momentum {MOMENTUM}, weight decay {WEIGHT_DECAY}, label smoothing "
                     f"{LABEL_SMOOTHING}, {WARMUP_EPOCHS}-epoch linear warm-up then cosine to zero, "
-                    "random crop (pad 4) and flip on the device" + (", bf16 autocast" if bf16 else ""),
+                    "random crop (pad 4) and flip" + (f", cutout {recipe['cutout']}" if recipe["cutout"] else "")
+                    + " on the device" + (", bf16 autocast" if bf16 else ""),
         "train_seconds": round(train_seconds, 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "weights": "float16",
@@ -248,6 +249,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="override the recipe's")
     p.add_argument("--lr", type=float, default=None, help="override the recipe's peak learning rate")
     p.add_argument("--max-epochs", type=int, default=None, help="override the recipe's cap")
+    p.add_argument("--cutout", type=int, default=None, metavar="PIXELS",
+                   help="erase a square of this side from each training image (0: off; 16 for CIFAR ResNets)")
     p.add_argument("--limit-train", type=int, default=None, help="train on the first N training images (tests)")
     p.add_argument("--limit-test", type=int, default=None, help="test on N test images (tests)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process")
@@ -265,6 +268,8 @@ def parse_args(argv=None):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             p.error(f"--{flag.replace('_', '-')}={value} must be positive, e.g. --{flag.replace('_', '-')} 8")
+    if args.cutout is not None and args.cutout < 0:
+        p.error(f"--cutout={args.cutout} must be 0 (off) or a square's side in pixels, e.g. --cutout 16")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: this machine has no CUDA GPU; pass --device cpu")
     for name in args.models if args.worker is None else [args.worker]:

@@ -35,6 +35,30 @@ def test_device_crop_and_flip_equals_cropping_each_image_by_hand():
         assert torch.equal(cropped[i], expected)
 
 
+def test_cutout_erases_one_square_per_image_clipped_at_the_border():
+    batches = DeviceBatches(random_split(), MEAN, STD, batch_size=10, augment=True, seed=4, cutout=4)
+    mask = batches.cutout_mask(10, 8, 8)
+    draws = torch.Generator().manual_seed(4)  # the same draws, in the same order
+    centre_row, centre_col = torch.randint(0, 8, (10,), generator=draws), torch.randint(0, 8, (10,), generator=draws)
+    for i in range(10):
+        expected = torch.zeros(8, 8, dtype=torch.bool)
+        expected[max(0, centre_row[i] - 2):centre_row[i] + 2, max(0, centre_col[i] - 2):centre_col[i] + 2] = True
+        assert torch.equal(mask[i, 0], expected)
+    areas = mask.sum((1, 2, 3)).tolist()
+    assert 16 in areas and min(areas) < 16  # whole squares and squares cut by the border both occur
+
+
+def test_cutout_sets_the_erased_pixels_to_the_mean_and_leaves_the_rest():
+    split = random_split()
+    plain = DeviceBatches(split, MEAN, STD, batch_size=10, augment=True, seed=5)
+    cut = DeviceBatches(split, MEAN, STD, batch_size=10, augment=True, seed=5, cutout=4)
+    (x_cut, y_cut), (x_plain, y_plain) = next(iter(cut)), next(iter(plain))
+    plain.cutout = 4
+    mask = plain.cutout_mask(10, 8, 8)  # the draws `cut` made after the same order, crops and flips
+    assert torch.equal(y_cut, y_plain) and mask.any()
+    assert torch.equal(x_cut, x_plain.masked_fill(mask, 0.0))  # 0 after normalising: the mean
+
+
 def test_unaugmented_device_batches_equal_the_dataset_in_order():
     split = random_split(n=10)
     batches = DeviceBatches(split, MEAN, STD, batch_size=4, augment=False)
@@ -81,9 +105,10 @@ def tiny_args(tmp_path, cifar10_root, **extra):
 
 
 def test_trained_file_records_the_accuracy_it_scores(tmp_path, cifar10_root, one_thread):
-    record = zoo_train.train_one("resnet20", tiny_args(tmp_path, cifar10_root))
+    record = zoo_train.train_one("resnet20", tiny_args(tmp_path, cifar10_root, cutout=8))
     path = tmp_path / "resnet20-cifar10.pt"
     meta = load_meta(path)
+    assert "flip, cutout 8 on the device" in meta["schedule"] and record["recipe"]["cutout"] == 8
     assert meta["epochs"] == 3 and [r["epoch"] for r in record["history"]] == [1, 2, 3]
     assert record["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the schedule finished
     dm = ImageDataModule(root=cifar10_root, calib_size=1000, limit_train=256, limit_test=200, seed=0)
@@ -140,6 +165,7 @@ def test_bad_flags_fail_before_any_work(capsys, tmp_path):
                model_cfg={"_target_": "hbgs.models.resnet20", "num_classes": 100})
     for argv, message in [(["--minutes", "0"], "--minutes=0.0 must be positive"),
                           (["--models", "alexnet"], "invalid choice: 'alexnet'"),
+                          (["--cutout", "-1"], "--cutout=-1 must be 0 (off)"),
                           (["--device", "cuda"] if not torch.cuda.is_available() else ["--eval-every", "-1"],
                            "no CUDA GPU" if not torch.cuda.is_available() else "--eval-every=-1"),
                           (["--models", "resnet20", "--init", "no/such.pt"], "--init no/such.pt: no no/such.pt"),
