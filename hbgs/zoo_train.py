@@ -171,12 +171,15 @@ def train_one(name: str, args) -> dict:
     state_path = Path(args.out) / f".{name}-{dm.name}.state.pt"
     if args.resume and state_path.exists():  # continue an interrupted call where its last epoch ended
         state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if {**recipe, **state["recipe"]} != recipe:  # the batches and schedule above were built from this call's
+            raise SystemExit(f"--resume: {state_path} was trained with {state['recipe']}, this call asks for "
+                             f"{recipe}: resume with the first call's flags")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])  # moves its buffers to the parameters' device
         train.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         history, step, epoch, planned = state["history"], state["step"], state["epoch"], state["planned"]
-        trained_seconds, recipe = state["trained_seconds"], {**recipe, **state["recipe"]}  # the state's recipe wins
+        trained_seconds = state["trained_seconds"]
         schedule.total = planned * len(train)
         print(f"[{name}] resumed after epoch {epoch} of {planned} planned", flush=True)
     start = time.time() - trained_seconds

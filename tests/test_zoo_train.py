@@ -135,6 +135,10 @@ def test_resumed_training_ends_with_the_uninterrupted_weights(tmp_path, cifar10_
     with pytest.raises(Stop):
         zoo_train.train_one("resnet20", tiny_args(tmp_path / "cut", cifar10_root))
     monkeypatch.setattr(zoo_train, "save_state", save_state)
+    changed = tiny_args(tmp_path / "cut", cifar10_root, cutout=8)
+    changed.resume = True
+    with pytest.raises(SystemExit, match="resume with the first call's flags"):  # not a mix of two recipes
+        zoo_train.train_one("resnet20", changed)
     args = tiny_args(tmp_path / "cut", cifar10_root)
     args.resume = True
     capsys.readouterr()
