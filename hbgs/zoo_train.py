@@ -19,7 +19,13 @@ so a data loader or a lone process leaves the GPU idle most of the time. Here:
   float16-rounded network that loads, measured on the whole test split, beside the float32 one;
 * `--init` starts from a trained file instead of random weights, for one more whole warm-up and
   cosine cycle (a warm restart): a budget too short for one long schedule is spent in chunks that
-  each end on a finished schedule, so every chunk leaves a network worth keeping.
+  each end on a finished schedule, so every chunk leaves a network worth keeping;
+* `--swa` (with `--init`, for a network already trained): after the warm-up the rate stays at
+  `--lr` and the weights at the end of every epoch are averaged (stochastic weight averaging,
+  Izmailov et al. 2018, `torch.optim.swa_utils`); the saved network is the average, its BatchNorm
+  statistics recomputed over the augmented training images. The average lies in a flatter region
+  than any one iterate, which is what a warm restart of a converged network, ending where it
+  began, does not reach.
 
 The data split is `stage=train`'s: the calibration images (dataset.calib_size=1000, seed 0) are
 held out, so the pruning criteria never score on images the network was trained on. It runs on the
@@ -40,6 +46,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, update_bn
 
 from hbgs import models
 from hbgs.accounting import count_macs, count_params
@@ -58,19 +65,23 @@ RECIPES = {
 }
 WEIGHT_DECAY, MOMENTUM, LABEL_SMOOTHING, WARMUP_EPOCHS = 5e-4, 0.9, 0.1, 2
 SAFETY = 0.92      # share of the time left that the planned epochs may fill
+BN_PASS_SHARE = 0.5  # --swa: time kept back for recomputing BatchNorm statistics, in epochs (a forward-only pass)
 FINISH_SECONDS = 20  # kept back for the last evaluations and the save
 
 
 class Schedule:
-    """Linear warm-up over the first epochs, then cosine to zero at `total` steps; `total` may
-    be re-planned while training runs (it is read at every step)."""
+    """Linear warm-up over the first epochs, then cosine to zero at `total` steps (or, `constant`,
+    the peak rate held to the end); `total` may be re-planned while training runs (it is read at
+    every step)."""
 
-    def __init__(self, peak_lr: float, warmup_steps: int, total: int):
-        self.peak_lr, self.warmup_steps, self.total = peak_lr, warmup_steps, total
+    def __init__(self, peak_lr: float, warmup_steps: int, total: int, constant: bool = False):
+        self.peak_lr, self.warmup_steps, self.total, self.constant = peak_lr, warmup_steps, total, constant
 
     def lr(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.peak_lr * (0.1 + 0.9 * step / self.warmup_steps)
+        if self.constant:
+            return self.peak_lr
         progress = min(1.0, (step - self.warmup_steps) / max(1, self.total - self.warmup_steps))
         return self.peak_lr * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -146,7 +157,7 @@ def train_one(name: str, args) -> dict:
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = True
     overrides = {"batch_size": args.batch_size, "lr": args.lr, "max_epochs": args.max_epochs, "cutout": args.cutout}
-    recipe = {**RECIPES[name], **{k: v for k, v in overrides.items() if v is not None}}
+    recipe = {**RECIPES[name], **{k: v for k, v in overrides.items() if v is not None}, "swa": args.swa}
     bf16 = bf16_is_fast(device.type) if args.bf16 is None else args.bf16
     layout = torch.channels_last if bf16 else torch.contiguous_format
     dm = datamodule(args)
@@ -165,7 +176,8 @@ def train_one(name: str, args) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=MOMENTUM, nesterov=True,
                                 weight_decay=WEIGHT_DECAY)
     planned = recipe["max_epochs"]
-    schedule = Schedule(recipe["lr"], WARMUP_EPOCHS * len(train), planned * len(train))
+    schedule = Schedule(recipe["lr"], WARMUP_EPOCHS * len(train), planned * len(train), constant=recipe["swa"])
+    averaged = AveragedModel(model) if recipe["swa"] else None  # the running mean of the epochs' weights
     history, step, epoch, trained_seconds = [], 0, 0, 0.0
     Path(args.out).mkdir(parents=True, exist_ok=True)
     state_path = Path(args.out) / f".{name}-{dm.name}.state.pt"
@@ -176,6 +188,8 @@ def train_one(name: str, args) -> dict:
                              f"{recipe}: resume with the first call's flags")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])  # moves its buffers to the parameters' device
+        if averaged is not None:
+            averaged.load_state_dict(state["averaged"])
         train.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         history, step, epoch, planned = state["history"], state["step"], state["epoch"], state["planned"]
@@ -198,19 +212,27 @@ def train_one(name: str, args) -> dict:
             step += 1
         epoch += 1
         seconds = time.time() - epoch_start
-        planned = plan_epochs(epoch, planned, recipe["max_epochs"], seconds,
-                              args.deadline - FINISH_SECONDS - time.time())
+        kept_back = FINISH_SECONDS + (BN_PASS_SHARE * seconds if averaged is not None else 0.0)
+        planned = plan_epochs(epoch, planned, recipe["max_epochs"], seconds, args.deadline - kept_back - time.time())
         schedule.total = planned * len(train)
         row = {"epoch": epoch, "planned": planned, "loss": float(loss_sum) / len(train),
                "lr": schedule.lr(step), "seconds": round(seconds, 2)}
+        if averaged is not None and (epoch > WARMUP_EPOCHS or epoch == planned):  # past the warm-up's moving rate
+            averaged.update_parameters(model)
+            row["averaged"] = int(averaged.n_averaged)
         if epoch % args.eval_every == 0 or epoch == planned:
-            row["test_acc"] = accuracy(model, test, bf16)
+            row["test_acc"] = accuracy(model, test, bf16)  # this epoch's weights, not the average
         history.append(row)
         print(f"[{name}] " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
               flush=True)
         save_state(state_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
                    generator=train.generator.get_state(), torch_rng=torch.get_rng_state(), history=history,
-                   step=step, epoch=epoch, planned=planned, trained_seconds=time.time() - start, recipe=recipe)
+                   step=step, epoch=epoch, planned=planned, trained_seconds=time.time() - start, recipe=recipe,
+                   averaged=averaged.state_dict() if averaged is not None else None)
+    last_iterate_acc = history[-1]["test_acc"] if averaged is not None else None  # read at the last epoch
+    if averaged is not None:
+        model = averaged.module
+        update_bn(train, model)  # the running statistics were the last iterate's, not the average's
     train_seconds = time.time() - start
 
     model = model.float().to(memory_format=torch.contiguous_format).eval()
@@ -222,9 +244,13 @@ def train_one(name: str, args) -> dict:
         "test_images": len(dm.splits["test"]), "train_images": len(dm.splits["train"]),
         "input_size": list(dm.input_size), "epochs": epoch, "seed": args.seed, "recipe": recipe,
         "init": init,  # the file this run continued from (its own epochs come first), or None
+        "averaged_epochs": int(averaged.n_averaged) if averaged is not None else None,
+        "test_acc_last_iterate": last_iterate_acc,  # --swa: the last epoch's own weights, beside the average's
         "schedule": f"SGD nesterov momentum {MOMENTUM}, weight decay {WEIGHT_DECAY}, label smoothing "
-                    f"{LABEL_SMOOTHING}, {WARMUP_EPOCHS}-epoch linear warm-up then cosine to zero, "
-                    "random crop (pad 4) and flip" + (f", cutout {recipe['cutout']}" if recipe["cutout"] else "")
+                    f"{LABEL_SMOOTHING}, {WARMUP_EPOCHS}-epoch linear warm-up then "
+                    + (f"a constant rate, the weights of the last {int(averaged.n_averaged)} epochs averaged and "
+                       "BatchNorm statistics recomputed (SWA), " if averaged is not None else "cosine to zero, ")
+                    + "random crop (pad 4) and flip" + (f", cutout {recipe['cutout']}" if recipe["cutout"] else "")
                     + " on the device" + (", bf16 autocast" if bf16 else ""),
         "train_seconds": round(train_seconds, 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -262,6 +288,9 @@ def parse_args(argv=None):
     p.add_argument("--init", default=None, metavar="PATH",
                    help="start from this trained checkpoint (or a folder of <model>-cifar10.pt) for one more "
                         "warm-up and cosine cycle, instead of from random weights")
+    p.add_argument("--swa", action="store_true",
+                   help="after the warm-up hold --lr and save the average of the epochs' weights (stochastic weight "
+                        "averaging; use with --init and a small --lr, e.g. 0.01)")
     p.add_argument("--resume", action="store_true",
                    help="continue each model from the state its last interrupted call left in --out")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one model, started by the driver
@@ -273,6 +302,9 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')}={value} must be positive, e.g. --{flag.replace('_', '-')} 8")
     if args.cutout is not None and args.cutout < 0:
         p.error(f"--cutout={args.cutout} must be 0 (off) or a square's side in pixels, e.g. --cutout 16")
+    if args.swa and args.init is None:
+        p.error("--swa averages the epochs of a trained network: pass --init <checkpoint> "
+                "(and a small --lr, e.g. 0.01)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: this machine has no CUDA GPU; pass --device cpu")
     for name in args.models if args.worker is None else [args.worker]:
