@@ -25,7 +25,9 @@ so a data loader or a lone process leaves the GPU idle most of the time. Here:
   Izmailov et al. 2018, `torch.optim.swa_utils`); the saved network is the average, its BatchNorm
   statistics recomputed over the augmented training images. The average lies in a flatter region
   than any one iterate, which is what a warm restart of a converged network, ending where it
-  began, does not reach.
+  began, does not reach. From a file that is such an average itself (its record says how many
+  epochs), the run goes on with that average: its epochs count as many as they are, so an average
+  too long for one session is built in chunks.
 
 The data split is `stage=train`'s: the calibration images (dataset.calib_size=1000, seed 0) are
 held out, so the pruning criteria never score on images the network was trained on. It runs on the
@@ -165,7 +167,7 @@ def train_one(name: str, args) -> dict:
                           seed=args.seed, drop_last=True, cutout=recipe["cutout"], memory_format=layout)
     test = DeviceBatches(dm.splits["test"], dm.mean, dm.std, 1000, augment=False, device=device, memory_format=layout)
     model = getattr(models, name)(num_classes=dm.num_classes)
-    init = init_path(name, args)
+    init, init_meta = init_path(name, args), {}
     if init is not None:  # check_init has seen that it loads whole
         model.load_state_dict(load_model(init).state_dict())
         init_meta = load_meta(init) or {}
@@ -178,6 +180,9 @@ def train_one(name: str, args) -> dict:
     planned = recipe["max_epochs"]
     schedule = Schedule(recipe["lr"], WARMUP_EPOCHS * len(train), planned * len(train), constant=recipe["swa"])
     averaged = AveragedModel(model) if recipe["swa"] else None  # the running mean of the epochs' weights
+    continued = (init_meta.get("averaged_epochs") or 0) if averaged is not None else 0
+    if continued:  # --init is an average itself: go on with it, its epochs weighing as many as they are
+        averaged.n_averaged.fill_(continued)
     history, step, epoch, trained_seconds = [], 0, 0, 0.0
     Path(args.out).mkdir(parents=True, exist_ok=True)
     state_path = Path(args.out) / f".{name}-{dm.name}.state.pt"
@@ -248,8 +253,9 @@ def train_one(name: str, args) -> dict:
         "test_acc_last_iterate": last_iterate_acc,  # --swa: the last epoch's own weights, beside the average's
         "schedule": f"SGD nesterov momentum {MOMENTUM}, weight decay {WEIGHT_DECAY}, label smoothing "
                     f"{LABEL_SMOOTHING}, {WARMUP_EPOCHS}-epoch linear warm-up then "
-                    + (f"a constant rate, the weights of the last {int(averaged.n_averaged)} epochs averaged and "
-                       "BatchNorm statistics recomputed (SWA), " if averaged is not None else "cosine to zero, ")
+                    + (f"a constant rate, the end-of-epoch weights of {int(averaged.n_averaged) - continued} epochs "
+                       "averaged" + (f" with the {continued}-epoch average it started from" if continued else "")
+                       + " and BatchNorm statistics recomputed (SWA), " if averaged is not None else "cosine to zero, ")
                     + "random crop (pad 4) and flip" + (f", cutout {recipe['cutout']}" if recipe["cutout"] else "")
                     + " on the device" + (", bf16 autocast" if bf16 else ""),
         "train_seconds": round(train_seconds, 1),

@@ -212,9 +212,32 @@ def test_swa_saves_the_mean_of_the_epochs_after_the_warm_up(tmp_path, cifar10_ro
     assert torch.allclose(saved.bn1.running_mean, first.mean((0, 2, 3)), atol=0.02)
     assert not torch.allclose(epoch_weights[5]["bn1.running_mean"], first.mean((0, 2, 3)), atol=0.05)
     meta = load_meta(tmp_path / "out" / "resnet20-cifar10.pt")
-    assert meta["averaged_epochs"] == 3 and "last 3 epochs averaged" in meta["schedule"]
+    assert meta["averaged_epochs"] == 3 and "weights of 3 epochs averaged and BatchNorm" in meta["schedule"]
     assert evaluate_accuracy(saved, dm.test_dataloader()) == meta["test_acc"]
     assert 0 <= meta["test_acc_last_iterate"] <= 1
+
+
+def test_swa_from_an_average_goes_on_with_it(tmp_path, cifar10_root, one_thread, monkeypatch):
+    start = resnet20(num_classes=10)
+    save_model(start, tmp_path / "start.pt", model_cfg={"_target_": "hbgs.models.resnet20", "num_classes": 10},
+               meta={"epochs": 5, "test_acc": 0.1, "averaged_epochs": 3})  # as a --swa run records it
+    epoch_weights, save_state = {}, zoo_train.save_state
+
+    def save_and_keep(path, **state):
+        epoch_weights[state["epoch"]] = {k: v.clone() for k, v in state["model"].items()}
+        save_state(path, **state)
+
+    monkeypatch.setattr(zoo_train, "save_state", save_and_keep)
+    args = tiny_args(tmp_path / "out", cifar10_root, init=tmp_path / "start.pt", lr=0.05)
+    args.swa = True
+    record = zoo_train.train_one("resnet20", args)
+    assert [r.get("averaged") for r in record["history"]] == [None, None, 4]  # 3 before, epoch 3 of this run
+    begun, saved = start.state_dict(), load_model(tmp_path / "out" / "resnet20-cifar10.pt")
+    for name, weight in saved.named_parameters():  # the old average weighs 3, the new epoch 1
+        assert torch.allclose(weight, ((3 * begun[name] + epoch_weights[3][name]) / 4).half().float(),
+                              atol=1e-3, rtol=1e-3), name
+    meta = load_meta(tmp_path / "out" / "resnet20-cifar10.pt")
+    assert meta["averaged_epochs"] == 4 and "weights of 1 epochs averaged with the 3-epoch average" in meta["schedule"]
 
 
 def test_bad_flags_fail_before_any_work(capsys, tmp_path):
