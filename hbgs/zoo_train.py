@@ -234,10 +234,14 @@ def train_one(name: str, args) -> dict:
                    generator=train.generator.get_state(), torch_rng=torch.get_rng_state(), history=history,
                    step=step, epoch=epoch, planned=planned, trained_seconds=time.time() - start, recipe=recipe,
                    averaged=averaged.state_dict() if averaged is not None else None)
-    last_iterate_acc = history[-1]["test_acc"] if averaged is not None else None  # read at the last epoch
+    last_iterate_acc, decay = None, "cosine to zero"
     if averaged is not None:
+        last_iterate_acc = history[-1]["test_acc"]  # read at the last epoch
         model = averaged.module
         update_bn(train, model)  # the running statistics were the last iterate's, not the average's
+        decay = (f"a constant rate, the end-of-epoch weights of {int(averaged.n_averaged) - continued} epochs averaged"
+                 + (f" with the {continued}-epoch average it started from" if continued else "")
+                 + " and BatchNorm statistics recomputed (SWA)")
     train_seconds = time.time() - start
 
     model = model.float().to(memory_format=torch.contiguous_format).eval()
@@ -252,11 +256,8 @@ def train_one(name: str, args) -> dict:
         "averaged_epochs": int(averaged.n_averaged) if averaged is not None else None,
         "test_acc_last_iterate": last_iterate_acc,  # --swa: the last epoch's own weights, beside the average's
         "schedule": f"SGD nesterov momentum {MOMENTUM}, weight decay {WEIGHT_DECAY}, label smoothing "
-                    f"{LABEL_SMOOTHING}, {WARMUP_EPOCHS}-epoch linear warm-up then "
-                    + (f"a constant rate, the end-of-epoch weights of {int(averaged.n_averaged) - continued} epochs "
-                       "averaged" + (f" with the {continued}-epoch average it started from" if continued else "")
-                       + " and BatchNorm statistics recomputed (SWA), " if averaged is not None else "cosine to zero, ")
-                    + "random crop (pad 4) and flip" + (f", cutout {recipe['cutout']}" if recipe["cutout"] else "")
+                    f"{LABEL_SMOOTHING}, {WARMUP_EPOCHS}-epoch linear warm-up then {decay}, "
+                    "random crop (pad 4) and flip" + (f", cutout {recipe['cutout']}" if recipe["cutout"] else "")
                     + " on the device" + (", bf16 autocast" if bf16 else ""),
         "train_seconds": round(train_seconds, 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
