@@ -11,7 +11,7 @@ so a data loader or a lone process leaves the GPU idle most of the time. Here:
 * bf16 autocast and channels-last activations;
 * one process per model, all sharing the GPU, so one model's kernels fill the others' gaps;
 * a budget instead of an epoch count: every epoch each process re-plans how many epochs fit
-  before the deadline (its last epoch's time, a safety margin, at most the recipe's
+  before the deadline (the median of its last three epochs' times, a safety margin, at most the recipe's
   `max_epochs`), and the schedule (linear warm-up, then cosine to zero, SGD with Nesterov
   momentum, label smoothing 0.1) is stretched to that count, so training ends on a finished
   schedule rather than being cut off;
@@ -41,6 +41,7 @@ import copy
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -67,6 +68,7 @@ RECIPES = {
 }
 WEIGHT_DECAY, MOMENTUM, LABEL_SMOOTHING, WARMUP_EPOCHS = 5e-4, 0.9, 0.1, 2
 SAFETY = 0.92      # share of the time left that the planned epochs may fill
+PACE_EPOCHS = 3    # the plan's pace: the median of this many latest epochs' seconds
 BN_PASS_SHARE = 0.5  # --swa: time kept back for recomputing BatchNorm statistics, in epochs (a forward-only pass)
 FINISH_SECONDS = 20  # kept back for the last evaluations and the save
 
@@ -88,13 +90,15 @@ class Schedule:
         return self.peak_lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def plan_epochs(done: int, planned: int, max_epochs: int, last_epoch_seconds: float, seconds_left: float) -> int:
+def plan_epochs(done: int, planned: int, max_epochs: int, recent_epoch_seconds: list[float], seconds_left: float) -> int:
     """How many epochs in all fit, at most `max_epochs`; `done` (stop now) when not one more does;
     past half of the plan never more than planned (raising it late would push the learning rate
-    back up)."""
+    back up). The pace is the median of the recent epochs, so that one slow epoch (another process,
+    an evaluation of the average) does not shorten the plan for good."""
     if math.isinf(seconds_left):
         return max_epochs
-    fit = min(max_epochs, done + int(max(0.0, seconds_left) * SAFETY / max(last_epoch_seconds, 1e-6)))
+    pace = statistics.median(recent_epoch_seconds)
+    fit = min(max_epochs, done + int(max(0.0, seconds_left) * SAFETY / max(pace, 1e-6)))
     return min(fit, planned) if done >= planned / 2 else fit
 
 
@@ -218,7 +222,8 @@ def train_one(name: str, args) -> dict:
         epoch += 1
         seconds = time.time() - epoch_start
         kept_back = FINISH_SECONDS + (BN_PASS_SHARE * seconds if averaged is not None else 0.0)
-        planned = plan_epochs(epoch, planned, recipe["max_epochs"], seconds, args.deadline - kept_back - time.time())
+        recent = [row["seconds"] for row in history[-(PACE_EPOCHS - 1):]] + [seconds]
+        planned = plan_epochs(epoch, planned, recipe["max_epochs"], recent, args.deadline - kept_back - time.time())
         schedule.total = planned * len(train)
         row = {"epoch": epoch, "planned": planned, "loss": float(loss_sum) / len(train),
                "lr": schedule.lr(step), "seconds": round(seconds, 2)}

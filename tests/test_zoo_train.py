@@ -88,12 +88,23 @@ def test_half_precision_file_loads_the_rounded_network(tmp_path):
 
 def test_plan_fits_the_time_left_and_never_stretches_late():
     # 10 s per epoch, 100 s left: 9 more fit after the safety margin
-    assert zoo_train.plan_epochs(done=2, planned=200, max_epochs=200, last_epoch_seconds=10, seconds_left=100) == 11
-    assert zoo_train.plan_epochs(2, 200, 5, 10, 1000) == 5  # capped by the recipe
-    assert zoo_train.plan_epochs(2, 200, 200, 10, 5) == 2  # not one more fits: stop
-    assert zoo_train.plan_epochs(6, 10, 200, 1, 1000) == 10  # past half the plan: no longer
-    assert zoo_train.plan_epochs(6, 10, 200, 10, 20) == 7  # but shorter when time runs out
-    assert zoo_train.plan_epochs(0, 200, 30, 10, math.inf) == 30
+    assert zoo_train.plan_epochs(done=2, planned=200, max_epochs=200, recent_epoch_seconds=[10],
+                                 seconds_left=100) == 11
+    assert zoo_train.plan_epochs(2, 200, 5, [10], 1000) == 5  # capped by the recipe
+    assert zoo_train.plan_epochs(2, 200, 200, [10], 5) == 2  # not one more fits: stop
+    assert zoo_train.plan_epochs(6, 10, 200, [1], 1000) == 10  # past half the plan: no longer
+    assert zoo_train.plan_epochs(6, 10, 200, [10], 20) == 7  # but shorter when time runs out
+    assert zoo_train.plan_epochs(0, 200, 30, [10], math.inf) == 30
+
+
+def test_one_slow_epoch_late_in_the_plan_does_not_shorten_it():
+    # 70 of 120 epochs done at 80 s each, 50 left fit in 80 min; one paused epoch of 500 s alone would
+    # cut the plan to 70 + 8 = 78 for good; the median of the last three keeps it at 120
+    seconds_left = 80 * 60
+    assert zoo_train.plan_epochs(70, 120, 200, [500], seconds_left) == 78
+    assert zoo_train.plan_epochs(70, 120, 200, [80, 81, 500], seconds_left) == 120
+    # a lasting slow-down (two slow epochs of the last three) does shorten it
+    assert zoo_train.plan_epochs(70, 120, 200, [80, 500, 500], seconds_left) == 78
 
 
 def tiny_args(tmp_path, cifar10_root, **extra):
