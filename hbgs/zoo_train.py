@@ -221,8 +221,8 @@ def train_one(name: str, args) -> dict:
             step += 1
         epoch += 1
         seconds = time.time() - epoch_start
-        kept_back = FINISH_SECONDS + (BN_PASS_SHARE * seconds if averaged is not None else 0.0)
         recent = [row["seconds"] for row in history[-(PACE_EPOCHS - 1):]] + [seconds]
+        kept_back = FINISH_SECONDS + (BN_PASS_SHARE * statistics.median(recent) if averaged is not None else 0.0)
         planned = plan_epochs(epoch, planned, recipe["max_epochs"], recent, args.deadline - kept_back - time.time())
         schedule.total = planned * len(train)
         row = {"epoch": epoch, "planned": planned, "loss": float(loss_sum) / len(train),
