@@ -4,9 +4,9 @@ After every round (and after one-shot pruning) ``<run dir>/resume/`` holds
 
 * ``round-NNNN.pt``: the model after that round (``hbgs.checkpoint.save_model``, pickle-free);
 * ``state.json``: the round index, whether the pruning loop is done, the history rows, the
-  pruner's own state, the time spent so far, the RNG states of torch, numpy and Python, and the
-  resolved config and library versions of the run. Plain JSON: readable, and loading it runs no
-  code.
+  pruner's own state, the time spent so far, the RNG states of torch, numpy and Python, the
+  resolved config and library versions of the run, and the SHA-256 of the checkpoint it started
+  from. Plain JSON: readable, and loading it runs no code.
 
 The model is written before the state that names it, each atomically (a temp file, then
 ``os.replace``), so a kill at any moment leaves a ``state.json`` whose model file is complete.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -53,8 +54,9 @@ STOPPED_BY_REQUEST = 3  # exit status of a run stopped by stop_after_rounds (sig
 # Options that do not change what a prune run computes: a resumed run may differ in these. Every
 # other option (model, data, criterion, selector, fine-tune, seed, surgery, the trainer's
 # device and precision, ...) must be as the run started, or the result would not be the run's.
+# ckpt is compared by the file's content instead (``checkpoint_difference``).
 IGNORED_OPTIONS = ("resume", "stop_after_rounds", "logger", "latency", "threads", "optim",
-                   "robustness", "dataset.num_workers", "dataset.cache_dir")
+                   "robustness", "dataset.num_workers", "dataset.cache_dir", "ckpt")
 TRAINER_OPTIONS_THAT_MATTER = ("trainer.accelerator", "trainer.devices", "trainer.precision")
 
 
@@ -143,6 +145,8 @@ class RunState:
         self.config = config
         self.data: dict | None = None  # what the last save wrote (or the resumed run's state)
         self.resumes: list[int] = []  # the rounds after which earlier invocations of the run stopped
+        self.ckpt_sha256 = ((resumed.data.get("ckpt_sha256") if resumed is not None else None)
+                            or checkpoint_digest(config.get("ckpt")))
         if resumed is not None:
             source = resumed.run_dir / STATE_DIR
             if source.resolve() != self.dir.resolve():  # continued in another directory: the state moves along
@@ -167,7 +171,7 @@ class RunState:
         self.data = {"format": FORMAT, "round": round, "loop_done": loop_done, "model": model_file,
                      "history": history, "pruner": pruner, "seconds": seconds, "details": details,
                      "resumes": self.resumes, "rng": rng_states(), "config": self.config,
-                     "versions": library_versions()}
+                     "ckpt_sha256": self.ckpt_sha256, "versions": library_versions()}
         self._write()
         for old in self.dir.glob("round-*.pt"):  # only after the new state names the new model
             if old.name != model_file:
@@ -228,7 +232,7 @@ class Resumed:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise HbgsError(f"resume={resume}: {path} is not a prune run state of this version "
                             f"(format {FORMAT!r})")
-        differences = config_differences(data["config"], config)
+        differences = [*checkpoint_difference(data, config), *config_differences(data["config"], config)]
         if differences:
             shown = "; ".join(differences[:5]) + ("; ..." if len(differences) > 5 else "")
             raise HbgsError(f"resume={resume}: this command's config differs from the run's in options that "
@@ -266,6 +270,31 @@ def resumed_run_dir(cfg) -> Path:
 
     Resumed.load(cfg.resume, OmegaConf.to_container(cfg, resolve=True))
     return Path(cfg.resume)
+
+
+def checkpoint_digest(path: str | os.PathLike | None) -> str | None:
+    """SHA-256 of a checkpoint file's bytes (None without a file)."""
+    if not path or not Path(path).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_difference(state: dict, current: dict) -> list[str]:
+    """The starting checkpoint, compared by content where the state records its digest: ckpt=zoo
+    resolves to an absolute path, and a run must resume in another checkout, but not on a zoo file
+    that has been replaced since it started. States without a digest compare the path."""
+    before, now = state["config"].get("ckpt"), current.get("ckpt")
+    recorded = state.get("ckpt_sha256")
+    if recorded is None:
+        return [] if before == now else [f"ckpt={before} in the run, {now} now"]
+    if checkpoint_digest(now) == recorded:
+        return []
+    return [f"ckpt={now} is not the checkpoint the run started from ({before}, SHA-256 {recorded[:12]}...): "
+            f"its file is missing or its weights differ"]
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:

@@ -5,7 +5,9 @@ calibration images, a one-step fine-tune every other round, a final one of 4 ste
 seconds each)."""
 
 import csv
+import hashlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from hbgs.checkpoint import load_model
+from hbgs.checkpoint import load_model, save_model
 from hbgs.errors import HbgsError
 from hbgs.finetune import FinetuneDiverged, finetune
 from hbgs.models import resnet20
@@ -169,6 +171,35 @@ def test_resume_refuses_a_directory_without_state_or_with_another_config(tmp_pat
     assert "\n" not in str(refused.value)
     config["latency"]["repeats"], config["resume"] = 5, str(tmp_path)  # options that change nothing may differ
     assert Resumed.load(tmp_path, config).round == 1
+
+
+def test_resume_knows_the_starting_checkpoint_by_its_content_not_its_path(tmp_path):
+    """A run's directory resumes in another checkout (ckpt=zoo resolves to an absolute path), but
+    not once the file it started from holds other weights."""
+    model_cfg = {"_target_": "hbgs.models.resnet20", "num_classes": 10}
+    started_from = tmp_path / "checkout_a" / "resnet20-cifar10.pt"
+    started_from.parent.mkdir()
+    save_model(resnet20(), started_from, model_cfg=model_cfg)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        config = OmegaConf.to_container(compose("config", overrides=ADAPTERS), resolve=True)
+    config["ckpt"] = str(started_from)
+    run_dir = tmp_path / "run"
+    RunState(run_dir, config).save(resnet20(), model_cfg=model_cfg, round=1, loop_done=False, history=[],
+                                   pruner={"rounds": 1}, seconds={"pruning": 1.0, "short_finetunes": 0.0})
+    state = json.loads((run_dir / "resume" / "state.json").read_text())
+    assert state["ckpt_sha256"] == hashlib.sha256(started_from.read_bytes()).hexdigest()
+
+    elsewhere = tmp_path / "checkout_b" / started_from.name
+    elsewhere.parent.mkdir()
+    shutil.copy(started_from, elsewhere)
+    assert Resumed.load(run_dir, {**config, "ckpt": str(elsewhere)}).round == 1
+
+    torch.manual_seed(1)
+    save_model(resnet20(), started_from, model_cfg=model_cfg)  # the file replaced by other weights
+    with pytest.raises(HbgsError, match=r"resnet20-cifar10.pt is not the checkpoint the run started from"):
+        Resumed.load(run_dir, config)
+    with pytest.raises(HbgsError, match=r"its file is missing"):
+        Resumed.load(run_dir, {**config, "ckpt": str(tmp_path / "nowhere.pt")})
 
 
 def test_a_fine_tune_stops_at_its_first_non_finite_loss():
